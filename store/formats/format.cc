@@ -1,0 +1,32 @@
+#include "store/formats/format.h"
+
+#include "store/formats/qcow2.h"
+
+namespace vmetafs::store {
+
+Status FormatParser::Check(const ImageFile&, const ParsedImage&, const ParseLimits&,
+                           std::vector<std::string>*) const {
+  return Status::Ok();
+}
+
+const std::vector<const FormatParser*>& AllFormats() {
+  static const Qcow2Parser qcow2;
+  static const std::vector<const FormatParser*> all = {&qcow2};
+  return all;
+}
+
+const FormatParser* DetectFormat(const ImageFile& file) {
+  for (const FormatParser* p : AllFormats()) {
+    if (p->Probe(file)) return p;
+  }
+  return nullptr;
+}
+
+const FormatParser* FormatByName(std::string_view name) {
+  for (const FormatParser* p : AllFormats()) {
+    if (p->Name() == name) return p;
+  }
+  return nullptr;
+}
+
+}  // namespace vmetafs::store

@@ -1,0 +1,111 @@
+// Protector and ProtectedImage: where the daemon (and meta-restore) meet the journal.
+//
+// Protector owns the journal of one store and takes the first-open decisions of DESIGN.md.
+// ProtectedImage tracks one backing file while it is open through the mount: its current metadata
+// map (published whole, so the write path looks it up without locks), the write-ahead journaling
+// of writes that touch it, and the map's movement when pointers change.
+//
+// Lock order: ProtectedImage::meta_mutex_ (one image) before anything inside Journal. No lock of
+// the FUSE layer is held while calling in here.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+
+#include "store/formats/format.h"
+#include "store/image_file.h"
+#include "store/journal.h"
+#include "store/status.h"
+
+namespace vmetafs::store {
+
+struct ProtectorOptions {
+  std::string store_dir;
+  JournalOptions journal;  // journal.backing names the backing this store belongs to
+  ParseLimits limits;
+  // When the journal cannot be written: false (default) keeps the VM running and marks the image
+  // unprotected; true fails the guest's metadata write with the journal's errno instead.
+  bool fail_writes_when_unprotected = false;
+};
+
+class ProtectedImage;
+
+// What the first open decided; also what meta-restore prints.
+struct OpenDecision {
+  bool is_image = false;
+  bool has_action = false;  // false for plain files and for images opened unprotected
+  Action action = Action::kVerified;
+  std::vector<MetadataUnit> units;  // mismatched / restored / adopted units
+  std::string detail;
+};
+
+class Protector {
+ public:
+  static Status Open(const ProtectorOptions& options, std::unique_ptr<Protector>* out);
+  ~Protector();
+
+  // The first open of the file at `path` (relative to the backing root) while no other open of it
+  // is active. `file` is the daemon's own handle on the backing file, opened read-write when the
+  // storage allows. Runs the first-open decision before returning. *out tracks the file for all
+  // its opens, even when it is not (yet) an image. A refused open returns a Status whose Errno()
+  // is EIO, and the log says why.
+  Status OpenFirst(const std::string& path, std::unique_ptr<ImageFile> file,
+                   std::shared_ptr<ProtectedImage>* out, OpenDecision* decision = nullptr);
+
+  // Namespace changes made through the mount; `from`/`to` may be directories (prefix rename).
+  void Renamed(const std::string& from, const std::string& to);
+  // The file's last name is gone: its journal is dropped (events stay for history).
+  void Unlinked(const std::string& path);
+
+  // Makes the journal durable and closes it. Idempotent.
+  Status Close();
+
+  Journal& journal() { return *journal_; }
+  const ProtectorOptions& options() const { return options_; }
+
+ private:
+  friend class ProtectedImage;
+  Protector(ProtectorOptions options, std::unique_ptr<Journal> journal);
+  ProtectorOptions options_;
+  std::unique_ptr<Journal> journal_;
+  std::atomic<bool> closed_{false};
+};
+
+class ProtectedImage {
+ public:
+  using IoFn = std::function<Status()>;
+  ~ProtectedImage();
+
+  // Performs a client write through `write`, which sends it to the storage. When the range touches
+  // metadata, the new content of every touched unit is journaled (pending) first; when a pointer
+  // unit changes, the map is derived again and newly referenced units are captured. Writes that
+  // touch no metadata cost one lock-free lookup.
+  Status Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write);
+  // Truncate / discard (punch hole, zero range) move metadata too.
+  Status Truncate(uint64_t new_size, const IoFn& truncate);
+  Status Discard(uint64_t offset, uint64_t length, const IoFn& discard);
+  // The guest's flush: `fsync` syncs the storage, then the journal is made durable (sync=flush)
+  // and pending versions become committed.
+  Status Flush(const IoFn& fsync);
+  // Replaces, in `buf` just read at `offset`, the ranges that are served from the journal because
+  // a restore could not be written back. A no-op (one relaxed load) otherwise.
+  void PatchRead(uint64_t offset, std::span<uint8_t> buf) const;
+  // The last open of the file is gone: records what the storage says of it, so the next first
+  // open can tell whether someone else changed it.
+  Status Release();
+
+  bool is_image() const;
+  bool is_protected() const;
+
+ private:
+  friend class Protector;
+  struct State;
+  explicit ProtectedImage(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace vmetafs::store
