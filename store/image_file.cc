@@ -1,9 +1,9 @@
 #include "store/image_file.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 namespace vmetafs::store {
 
@@ -39,29 +39,53 @@ Status MemoryImageFile::Identity(FileIdentity* id) const {
 }
 
 void OverlayImageFile::Add(uint64_t offset, std::span<const uint8_t> bytes) {
-  patches_.push_back(Patch{offset, std::vector<uint8_t>(bytes.begin(), bytes.end())});
+  if (bytes.empty()) return;
+  const uint64_t end = offset + bytes.size();
+  // Keep patches disjoint: trim the ones the new patch covers, keeping their uncovered ends.
+  auto it = patches_.upper_bound(offset);
+  if (it != patches_.begin()) --it;
+  while (it != patches_.end() && it->first < end) {
+    const uint64_t p_off = it->first, p_end = p_off + it->second.size();
+    if (p_end <= offset) {
+      ++it;
+      continue;
+    }
+    std::vector<uint8_t> old = std::move(it->second);
+    it = patches_.erase(it);
+    if (p_off < offset)
+      patches_.emplace(p_off, std::vector<uint8_t>(old.begin(), old.begin() + (offset - p_off)));
+    if (p_end > end) {
+      patches_.emplace(end, std::vector<uint8_t>(old.begin() + (end - p_off), old.end()));
+      break;
+    }
+  }
+  patches_.emplace(offset, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+  end_ = std::max(end_, end);
 }
 
 Status OverlayImageFile::Size(uint64_t* size) const {
   VMETAFS_RETURN_IF_ERROR(base_.Size(size));
-  for (const Patch& p : patches_) *size = std::max<uint64_t>(*size, p.offset + p.bytes.size());
+  *size = std::max(*size, end_);
   return Status::Ok();
 }
 
 Status OverlayImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
-  uint64_t size = 0;
-  VMETAFS_RETURN_IF_ERROR(Size(&size));
-  if (offset > size || out.size() > size - offset) return PastEnd(offset, out.size(), size);
   uint64_t base_size = 0;
   VMETAFS_RETURN_IF_ERROR(base_.Size(&base_size));
+  const uint64_t size = std::max(base_size, end_);
+  if (offset > size || out.size() > size - offset) return PastEnd(offset, out.size(), size);
   // The part inside the base comes from the base; the rest (grown by patches) starts as zeros.
   const uint64_t end = offset + out.size();
   const uint64_t from_base = offset < base_size ? std::min(end, base_size) - offset : 0;
   if (from_base > 0) VMETAFS_RETURN_IF_ERROR(base_.ReadAt(offset, out.first(from_base)));
   std::memset(out.data() + from_base, 0, out.size() - from_base);
-  for (const Patch& p : patches_) {
-    const uint64_t lo = std::max(offset, p.offset), hi = std::min(end, p.offset + p.bytes.size());
-    if (lo < hi) std::memcpy(out.data() + (lo - offset), p.bytes.data() + (lo - p.offset), hi - lo);
+  auto it = patches_.upper_bound(offset);
+  if (it != patches_.begin()) --it;
+  for (; it != patches_.end() && it->first < end; ++it) {
+    const uint64_t lo = std::max(offset, it->first);
+    const uint64_t hi = std::min(end, it->first + it->second.size());
+    if (lo < hi)
+      std::memcpy(out.data() + (lo - offset), it->second.data() + (lo - it->first), hi - lo);
   }
   return Status::Ok();
 }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <vector>
@@ -57,7 +58,8 @@ class MemoryImageFile : public ImageFile {
 
 // A read-only view of `base` with some byte ranges replaced: a write not yet sent to the storage,
 // or the journal's units laid over a damaged file. Overlays may extend past the base's end (the
-// view's size grows). Later overlays win. Borrowed `base` must outlive the view.
+// view's size grows). Later overlays win. Lookups are O(log n) in the number of patches, so a view
+// with every unit of a large image laid over it stays cheap. Borrowed `base` must outlive the view.
 class OverlayImageFile : public ImageFile {
  public:
   explicit OverlayImageFile(const ImageFile& base) : base_(base) {}
@@ -69,12 +71,9 @@ class OverlayImageFile : public ImageFile {
   Status Identity(FileIdentity* id) const override { return base_.Identity(id); }
 
  private:
-  struct Patch {
-    uint64_t offset;
-    std::vector<uint8_t> bytes;
-  };
   const ImageFile& base_;
-  std::vector<Patch> patches_;
+  std::map<uint64_t, std::vector<uint8_t>> patches_;  // disjoint, keyed by offset
+  uint64_t end_ = 0;                                  // end of the furthest patch
 };
 
 }  // namespace vmetafs::store

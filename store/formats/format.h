@@ -51,6 +51,9 @@ class FormatParser {
   // wrong with the content goes into out->problems.
   virtual Status Parse(const ImageFile& file, const ParseLimits& limits,
                        ParsedImage* out) const = 0;
+  // True when the map depends on the file's size (a VHD footer is always the last 512 bytes; a
+  // GPT backup header sits at the last LBA): a write or truncate that changes the size moves the map.
+  virtual bool MapDependsOnFileSize() const { return false; }
   // The deep consistency check run when deciding whether a change made outside the mount is
   // legitimate: allocation accounting against references (qcow2 refcounts vs L1/L2/..., VHD BAT
   // against file size...). Appends problems (leaked or doubly used clusters count as problems).
