@@ -5,8 +5,8 @@
 // map (published whole, so the write path looks it up without locks), the write-ahead journaling
 // of writes that touch it, and the map's movement when pointers change.
 //
-// Lock order: ProtectedImage::meta_mutex_ (one image) before anything inside Journal. No lock of
-// the FUSE layer is held while calling in here.
+// Lock order: ProtectedImage's meta_mutex (one image), then Protector::records_mutex_, then
+// anything inside Journal. No lock of the FUSE layer is held while calling in here.
 #pragma once
 
 #include <atomic>
@@ -66,13 +66,20 @@ class Protector {
 
   Journal& journal() { return *journal_; }
   const ProtectorOptions& options() const { return options_; }
+  // Metadata writes that went to the storage unjournaled because the journal failed.
+  uint64_t unprotected_writes() const { return unprotected_writes_.load(); }
+  // Read-modify-write of one image record, serialized against renames and other updates.
+  Status UpdateImage(uint64_t id, const std::function<void(ImageRecord*)>& change);
 
  private:
   friend class ProtectedImage;
   Protector(ProtectorOptions options, std::unique_ptr<Journal> journal);
+
   ProtectorOptions options_;
   std::unique_ptr<Journal> journal_;
+  std::mutex records_mutex_;  // guards read-modify-write of image records
   std::atomic<bool> closed_{false};
+  std::atomic<uint64_t> unprotected_writes_{0};
 };
 
 class ProtectedImage {
@@ -101,10 +108,24 @@ class ProtectedImage {
   bool is_image() const;
   bool is_protected() const;
 
+  struct State;  // private to store/: store/protected_image_state.h
+
  private:
   friend class Protector;
-  struct State;
-  explicit ProtectedImage(std::unique_ptr<State> state);
+  ProtectedImage(Protector* protector, std::string path, std::unique_ptr<ImageFile> file);
+  // The first-open decision (store/first_open.cc).
+  Status FirstOpen(OpenDecision* decision);
+  // The decision for an image the journal knows.
+  Status Decide(ImageRecord record, OpenDecision* decision);
+  // Journals the units a write touches and, for pointer units, the map's movement. Called with
+  // meta_mutex held; `map` is the map the write was checked against.
+  Status JournalWrite(uint64_t offset, std::span<const uint8_t> data, bool* map_moved);
+  // Re-derives the map from the storage after the file changed shape (truncate, growth).
+  Status Remap();
+  // A plain file that may have become an image: probe, and baseline when valid.
+  void MaybeBecomeImage(uint64_t offset, std::span<const uint8_t> data);
+  // The journal failed: continue unprotected (default) or return the error to the guest.
+  Status Degrade(const Status& journal_error);
   std::unique_ptr<State> state_;
 };
 

@@ -1,1 +1,401 @@
-// Not written yet.
+#include "store/verifier.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <tuple>
+
+namespace vmetafs::store {
+namespace {
+
+constexpr uint64_t kMaxReadRun = 8ull << 20;      // one coalesced read
+constexpr uint64_t kMaxBatchBytes = 32ull << 20;  // one journal batch
+
+using UnitKey = std::tuple<uint16_t, uint64_t>;
+UnitKey KeyOf(const MetadataUnit& u) { return {u.extent, u.offset}; }
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Why the storage's identity moved, or "" when it did not. Fields the storage cannot give are 0.
+std::string IdentityChange(const FileIdentity& was, const FileIdentity& now) {
+  auto moved = [](auto a, auto b) { return a != 0 && b != 0 && a != b; };
+  if (moved(was.ino, now.ino)) return "the file was replaced (file id changed)";
+  if (was.size != now.size) return fmt::format("size changed from {} to {}", was.size, now.size);
+  if (moved(was.change_attr, now.change_attr)) return "change attribute moved";
+  if (moved(was.mtime_ns, now.mtime_ns)) return "modification time moved";
+  if (moved(was.ctime_ns, now.ctime_ns)) return "change time moved";
+  return "";
+}
+
+std::string DescribeUnits(const std::vector<MetadataUnit>& units) {
+  std::map<UnitKind, size_t> by_kind;
+  for (const MetadataUnit& u : units) ++by_kind[u.kind];
+  std::string out;
+  for (const auto& [kind, n] : by_kind) {
+    if (!out.empty()) out += ", ";
+    out += fmt::format("{} {}", n, UnitKindName(kind));
+  }
+  return out.empty() ? "none" : out;
+}
+
+std::string JoinProblems(const std::vector<std::string>& problems) {
+  std::string out;
+  for (size_t i = 0; i < problems.size() && i < 3; ++i) {
+    if (i) out += "; ";
+    out += problems[i];
+  }
+  if (problems.size() > 3) out += fmt::format("; and {} more", problems.size() - 3);
+  return out;
+}
+
+}  // namespace
+
+std::string_view UnitResultName(UnitCheck::Result r) {
+  switch (r) {
+    case UnitCheck::Result::kMatch:
+      return "match";
+    case UnitCheck::Result::kPendingOld:
+      return "pending";
+    case UnitCheck::Result::kDiffers:
+      return "differs";
+    case UnitCheck::Result::kMissing:
+      return "missing";
+  }
+  return "?";
+}
+
+Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
+                 const ProgressFn& progress,
+                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn) {
+  uint64_t size = 0;
+  VMETAFS_RETURN_IF_ERROR(file.Size(&size));
+  uint64_t total = 0, done = 0;
+  for (const MetadataUnit& u : units) total += u.length;
+  std::vector<uint8_t> buf;
+  size_t i = 0;
+  while (i < units.size()) {
+    // A run: adjacent units of extent 0 that lie inside the file, up to kMaxReadRun bytes.
+    size_t j = i;
+    const uint64_t start = units[i].offset;
+    while (j < units.size() && units[j].extent == 0 && units[j].end() <= size &&
+           units[j].offset == (j == i ? start : units[j - 1].end()) &&
+           units[j].end() - start <= std::max<uint64_t>(kMaxReadRun, units[i].length)) {
+      ++j;
+    }
+    if (j == i) {  // past the end of the file, or in another extent's file
+      VMETAFS_RETURN_IF_ERROR(fn(units[i], {}));
+      done += units[i].length;
+      ++i;
+      continue;
+    }
+    buf.resize(units[j - 1].end() - start);
+    VMETAFS_RETURN_IF_ERROR(file.ReadAt(start, buf));
+    for (size_t k = i; k < j; ++k) {
+      VMETAFS_RETURN_IF_ERROR(fn(units[k], std::span<const uint8_t>(buf).subspan(
+                                               units[k].offset - start, units[k].length)));
+    }
+    done += buf.size();
+    if (progress) progress(done, total);
+    i = j;
+  }
+  return Status::Ok();
+}
+
+Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile& file,
+              const ParseLimits& limits, const ProgressFn& progress, Verification* out) {
+  *out = Verification{};
+  out->image = image;
+  VMETAFS_RETURN_IF_ERROR(file.Identity(&out->identity));
+  if (image.in_use) {
+    out->changed_outside = true;
+    out->change_reason = "it was not closed cleanly (daemon or host stopped while it was open)";
+  } else {
+    out->change_reason = IdentityChange(image.identity, out->identity);
+    out->changed_outside = !out->change_reason.empty();
+  }
+
+  out->parser = FormatByName(image.format);
+  if (out->parser == nullptr) out->parser = DetectFormat(file);
+  if (out->parser == nullptr) {
+    out->storage.problems.push_back("the file is not recognised as any image format");
+  } else {
+    VMETAFS_RETURN_IF_ERROR(out->parser->Parse(file, limits, &out->storage));
+  }
+
+  std::vector<MetadataUnit> units;
+  VMETAFS_RETURN_IF_ERROR(journal.ForEachUnit(image.id, false, [&](const UnitVersion& v) {
+    out->units.push_back(UnitCheck{v, UnitCheck::Result::kMatch, 0});
+    units.push_back(v.unit);
+    return Status::Ok();
+  }));
+  size_t next = 0;
+  return ReadUnits(file, units, progress, [&](const MetadataUnit&, std::span<const uint8_t> bytes) {
+    UnitCheck& c = out->units[next++];
+    if (bytes.empty()) {
+      c.result = UnitCheck::Result::kMissing;
+      ++out->differing;
+      return Status::Ok();
+    }
+    c.storage_hash = ContentHash(bytes);
+    if (c.storage_hash == c.journaled.hash) {
+      c.result = UnitCheck::Result::kMatch;
+    } else if (c.journaled.Accepts(c.storage_hash, image)) {
+      c.result = UnitCheck::Result::kPendingOld;
+    } else {
+      c.result = UnitCheck::Result::kDiffers;
+      ++out->differing;
+    }
+    return Status::Ok();
+  });
+}
+
+Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v) {
+  v->checked_deep = true;
+  v->check_problems.clear();
+  if (v->parser == nullptr || !v->storage.valid()) return Status::Ok();
+  return v->parser->Check(file, v->storage, limits, &v->check_problems);
+}
+
+namespace {
+
+// The journal's view of the image: the storage with the journal's content laid over the units
+// that differ. Parses it (and deep-checks it when `deep`). Fills *view.
+Status JournalView(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
+                   const Verification& v, bool deep, ParsedImage* view,
+                   std::vector<std::string>* problems) {
+  OverlayImageFile overlay(file);
+  for (const UnitCheck& c : v.units) {
+    if (c.result != UnitCheck::Result::kDiffers && c.result != UnitCheck::Result::kMissing)
+      continue;
+    UnitVersion full;
+    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(v.image.id, c.journaled.unit, &full));
+    overlay.Add(full.unit.offset,
+                std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
+                                         full.content.size()));
+  }
+  if (v.parser == nullptr) {
+    problems->push_back("the journal does not name a known format");
+    return Status::Ok();
+  }
+  VMETAFS_RETURN_IF_ERROR(v.parser->Parse(overlay, limits, view));
+  *problems = view->problems;
+  if (deep && view->valid())
+    VMETAFS_RETURN_IF_ERROR(v.parser->Check(overlay, *view, limits, problems));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
+              Verification* v, Plan* plan) {
+  *plan = Plan{};
+  std::vector<MetadataUnit> differing;
+  for (const UnitCheck& c : v->units) {
+    if (c.result == UnitCheck::Result::kDiffers || c.result == UnitCheck::Result::kMissing) {
+      differing.push_back(c.journaled.unit);
+    }
+  }
+  if (v->units.empty()) {
+    plan->action = Action::kBaseline;
+    plan->detail = "no journal yet";
+    return Status::Ok();
+  }
+  if (differing.empty()) {
+    plan->action = Action::kVerified;
+    plan->detail = fmt::format("{} units match the journal", v->units.size());
+    return Status::Ok();
+  }
+  const std::string what = fmt::format("{} of {} units differ from the journal ({})",
+                                       differing.size(), v->units.size(), DescribeUnits(differing));
+  if (v->changed_outside) {
+    VMETAFS_RETURN_IF_ERROR(CheckStorageDeep(file, limits, v));
+    if (v->storage_valid()) {
+      plan->action = Action::kAdopted;
+      plan->units = differing;
+      plan->detail = fmt::format(
+          "changed outside the mount ({}) and internally valid; {}; the "
+          "change is kept and the journal re-baselined",
+          v->change_reason, what);
+      return Status::Ok();
+    }
+  }
+  ParsedImage view;
+  std::vector<std::string> view_problems;
+  VMETAFS_RETURN_IF_ERROR(
+      JournalView(journal, file, limits, *v, v->changed_outside, &view, &view_problems));
+  if (!view_problems.empty()) {
+    plan->action = Action::kRefused;
+    plan->units = differing;
+    const auto& storage_problems =
+        v->storage.problems.empty() ? v->check_problems : v->storage.problems;
+    plan->detail = fmt::format(
+        "{}; the storage's metadata is {}, and the journal's view is not valid either ({}); "
+        "nothing was written. Inspect with `meta-restore verify {}`",
+        what,
+        storage_problems.empty() ? "not trusted"
+                                 : "invalid (" + JoinProblems(storage_problems) + ")",
+        JoinProblems(view_problems), v->image.path);
+    return Status::Ok();
+  }
+  // Never write a unit the journal's own view no longer references as metadata.
+  for (const MetadataUnit& u : differing) {
+    const MetadataUnit* in_view = view.map.Find(u.extent, u.offset);
+    (in_view && in_view->length == u.length ? plan->restore : plan->skipped).push_back(u);
+  }
+  plan->action = Action::kRestored;
+  plan->units = plan->restore;
+  plan->detail =
+      v->changed_outside
+          ? fmt::format(
+                "{}; changed outside the mount ({}) but internally invalid ({}); "
+                "restoring the journal's valid view",
+                what, v->change_reason,
+                JoinProblems(v->storage.problems.empty() ? v->check_problems : v->storage.problems))
+          : fmt::format(
+                "{}; vmetafs was the last writer, so the storage damaged them; "
+                "restoring from the journal",
+                what);
+  if (!plan->skipped.empty()) {
+    plan->detail += fmt::format(" ({} differing units are no longer metadata and stay as they are)",
+                                plan->skipped.size());
+  }
+  return Status::Ok();
+}
+
+Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
+                   std::vector<MetadataUnit> units, const std::string& detail,
+                   const std::vector<QuarantinedUnit>& quarantine) {
+  Event e;
+  e.time_ns = NowNs();
+  e.image_id = image.id;
+  e.image = image.path;
+  e.action = action;
+  e.units = std::move(units);
+  e.detail = detail;
+  auto level = action == Action::kRefused                                  ? spdlog::level::err
+               : action == Action::kRestored || action == Action::kAdopted ? spdlog::level::warn
+                                                                           : spdlog::level::info;
+  spdlog::log(level, "{}: {}: {}", image.path, ActionName(action), detail);
+  return journal.AddEvent(&e, quarantine);
+}
+
+Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
+               const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
+  unwritten->clear();
+  std::vector<QuarantinedUnit> quarantine;
+  VMETAFS_RETURN_IF_ERROR(ReadUnits(
+      file, plan.restore, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+        quarantine.push_back({u, std::string(bytes.begin(), bytes.end())});
+        return Status::Ok();
+      }));
+  // The replaced bytes are in the journal before the first byte is written: every restore can be
+  // undone, even one interrupted half way.
+  VMETAFS_RETURN_IF_ERROR(
+      RecordEvent(journal, image, Action::kRestored, plan.restore, plan.detail, quarantine));
+  VMETAFS_RETURN_IF_ERROR(journal.Sync());
+  Status write_status;
+  std::vector<QuarantinedUnit> contents;
+  for (const MetadataUnit& u : plan.restore) {
+    UnitVersion full;
+    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
+    contents.push_back({u, std::move(full.content)});
+  }
+  for (const QuarantinedUnit& c : contents) {
+    if (!write_status.ok()) break;
+    write_status = file.WriteAt(
+        c.unit.offset,
+        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.bytes.data()), c.bytes.size()));
+  }
+  if (write_status.ok()) write_status = file.Sync();
+  if (!write_status.ok()) {
+    *unwritten = std::move(contents);
+    return RecordEvent(journal, image, Action::kRestored, plan.restore,
+                       fmt::format("the restored units could not be written back ({}); they are "
+                                   "served from the journal while the image is open",
+                                   write_status.ToString()));
+  }
+  return Status::Ok();
+}
+
+Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& file,
+                 const ParsedImage& parsed, const Verification* known, const ProgressFn& progress,
+                 ReconcileStats* stats) {
+  *stats = ReconcileStats{};
+  std::map<UnitKey, UnitVersion> journaled;
+  VMETAFS_RETURN_IF_ERROR(journal.ForEachUnit(image.id, false, [&](const UnitVersion& v) {
+    journaled.emplace(KeyOf(v.unit), v);
+    return Status::Ok();
+  }));
+  // Units a verification just found equal to the journal need not be read again.
+  std::vector<MetadataUnit> to_read;
+  to_read.reserve(parsed.map.size());
+  {
+    std::map<UnitKey, const UnitCheck*> matched;
+    if (known != nullptr) {
+      for (const UnitCheck& c : known->units) {
+        if (c.result == UnitCheck::Result::kMatch) matched.emplace(KeyOf(c.journaled.unit), &c);
+      }
+    }
+    for (const MetadataUnit& u : parsed.map.units()) {
+      auto m = matched.find(KeyOf(u));
+      auto j = journaled.find(KeyOf(u));
+      if (m != matched.end() && j != journaled.end() && j->second.unit == u &&
+          j->second.hash == m->second->journaled.hash) {
+        journaled.erase(j);
+      } else {
+        to_read.push_back(u);
+      }
+    }
+  }
+  JournalBatch batch;
+  uint64_t batch_bytes = 0;
+  auto flush_batch = [&]() -> Status {
+    if (batch.empty()) return Status::Ok();
+    Status s = journal.Write(batch);
+    batch = JournalBatch();
+    batch_bytes = 0;
+    return s;
+  };
+  VMETAFS_RETURN_IF_ERROR(
+      ReadUnits(file, to_read, progress,
+                [&](const MetadataUnit& u, std::span<const uint8_t> bytes) -> Status {
+                  if (bytes.empty()) return Status::Ok();  // past the end: nothing to capture
+                  const uint64_t hash = ContentHash(bytes);
+                  auto it = journaled.find(KeyOf(u));
+                  UnitVersion previous;
+                  const bool had = it != journaled.end();
+                  if (had) {
+                    const bool same = it->second.hash == hash && it->second.unit == u;
+                    journaled.erase(it);
+                    if (same) return Status::Ok();
+                    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &previous));
+                    ++stats->replaced;
+                  } else {
+                    ++stats->captured;
+                  }
+                  UnitVersion v;
+                  v.unit = u;
+                  v.epoch = image.flush_epoch;
+                  v.hash = hash;
+                  v.time_ns = NowNs();
+                  v.content.assign(bytes.begin(), bytes.end());
+                  batch.PutUnit(image.id, std::move(v), had ? &previous : nullptr);
+                  batch_bytes += bytes.size();
+                  return batch_bytes >= kMaxBatchBytes ? flush_batch() : Status::Ok();
+                }));
+  for (const auto& [key, v] : journaled) {
+    // Still journaled but no longer metadata (freed, moved, or past the end): never restore it.
+    batch.RetireUnit(image.id, v.unit);
+    ++stats->retired;
+  }
+  return flush_batch();
+}
+
+}  // namespace vmetafs::store

@@ -1,0 +1,106 @@
+// Verifier: compares an image on the storage with its journal and carries out DESIGN.md's
+// first-open decision table. The daemon's first open and meta-restore both call it; neither
+// re-implements any of it.
+//
+// Thread safety: the functions are stateless; the caller serializes work on one image.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "store/formats/format.h"
+#include "store/image_file.h"
+#include "store/journal.h"
+#include "store/status.h"
+
+namespace vmetafs::store {
+
+// Called with (bytes done, bytes total) while metadata is read; for progress bars.
+using ProgressFn = std::function<void(uint64_t done, uint64_t total)>;
+
+// One journaled unit held against the storage.
+struct UnitCheck {
+  enum class Result : uint8_t {
+    kMatch,       // the storage holds the journal's latest content
+    kPendingOld,  // the storage holds the content a pending write replaces: legitimate
+    kDiffers,     // the storage holds neither
+    kMissing,     // the unit lies (partly) past the end of the file
+  };
+  UnitVersion journaled;  // without content
+  Result result = Result::kMatch;
+  uint64_t storage_hash = 0;
+};
+std::string_view UnitResultName(UnitCheck::Result r);
+
+struct Verification {
+  ImageRecord image;
+  const FormatParser* parser = nullptr;     // from the journal's record, else from probing
+  ParsedImage storage;                      // the storage parsed as it is now
+  std::vector<std::string> check_problems;  // deep Check() findings (only when requested)
+  bool checked_deep = false;
+  std::vector<UnitCheck> units;  // every journaled unit, in (extent, offset) order
+  size_t differing = 0;          // units with kDiffers or kMissing
+  bool changed_outside = false;  // the storage changed while vmetafs was not the writer
+  std::string change_reason;
+  FileIdentity identity;  // what the storage says now
+
+  bool storage_valid() const {
+    return storage.valid() && (!checked_deep || check_problems.empty());
+  }
+};
+
+// Reads every journaled unit of `image` from `file` and compares hashes; parses the storage with
+// the image's format. Returns non-OK only for I/O errors reading the file or the journal.
+Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile& file,
+              const ParseLimits& limits, const ProgressFn& progress, Verification* out);
+
+// Runs the format's deep consistency check on the storage (fills check_problems).
+Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v);
+
+// What a decision will do, before it is done (meta-restore --dry-run prints this).
+struct Plan {
+  Action action = Action::kVerified;
+  std::vector<MetadataUnit> units;    // the units the decision concerns (for the event)
+  std::vector<MetadataUnit> restore;  // units to write back from the journal
+  std::vector<MetadataUnit> skipped;  // differing units the journal's view no longer references
+  std::string detail;                 // the reason, in words
+};
+
+// Applies the decision table to a Verification (DESIGN.md): verified / restored / adopted /
+// refused. May run the deep checks of the storage and of the journal's view (reading the file).
+Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
+              Verification* v, Plan* plan);
+
+// Carries out a kRestored plan: the bytes being replaced go to quarantine with the event, the
+// journal's units are written and synced, the result is verified again. When the storage refuses
+// the writes, *unwritten receives the units (with journal content) the caller must serve from
+// memory, and the event says so. Records the event.
+Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
+               const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
+
+// Makes the journal equal the storage's current metadata (`parsed.map`): units it lacks are
+// captured, units no longer in the map are retired, units whose content differs (adopted changes,
+// pending writes that never landed) are journaled anew with the old version kept as history.
+// Used for baseline (empty journal), adopt, and after every decision. `known`, when given, is a
+// verification of the same storage state just made: units it found matching are not read again.
+struct ReconcileStats {
+  size_t captured = 0, replaced = 0, retired = 0;
+};
+Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& file,
+                 const ParsedImage& parsed, const Verification* known, const ProgressFn& progress,
+                 ReconcileStats* stats);
+
+// Records a decision as an event (and a log line).
+Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
+                   std::vector<MetadataUnit> units, const std::string& detail,
+                   const std::vector<QuarantinedUnit>& quarantine = {});
+
+// Reads the listed units from `file` in large coalesced reads and calls `fn` per unit with its
+// bytes. Units past the end of the file are reported to fn with an empty span.
+Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
+                 const ProgressFn& progress,
+                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn);
+
+}  // namespace vmetafs::store
