@@ -44,7 +44,9 @@ def summarize(value):
                 "nlink": value.st_nlink, "uid": value.st_uid, "gid": value.st_gid}
     if isinstance(value, (bytes, bytearray, mmap.mmap)):
         data = bytes(value)
-        return data if len(data) <= 64 else f"{len(data)} bytes sha1 {hashlib.sha1(data).hexdigest()}"
+        if len(data) <= 64:
+            return data
+        return f"{len(data)} bytes sha1 {hashlib.sha1(data).hexdigest()}"
     if isinstance(value, list):
         return [summarize(v) for v in value]
     return value
