@@ -90,6 +90,11 @@ def out(res: subprocess.CompletedProcess) -> str:
     return _text(res.stdout) + _text(res.stderr)
 
 
+def meta_restore(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """The offline tool of the same build."""
+    return run([binary("meta-restore"), *args], check=check)
+
+
 def qemu_img(*args, check: bool = True) -> subprocess.CompletedProcess:
     return run(["qemu-img", *args], check=check)
 
