@@ -1,6 +1,10 @@
 #include "store/formats/format.h"
 
 #include "store/formats/qcow2.h"
+#include "store/formats/raw_gpt.h"
+#include "store/formats/vhd.h"
+#include "store/formats/vhdx.h"
+#include "store/formats/vmdk.h"
 
 namespace vmetafs::store {
 
@@ -11,7 +15,11 @@ Status FormatParser::Check(const ImageFile&, const ParsedImage&, const ParseLimi
 
 const std::vector<const FormatParser*>& AllFormats() {
   static const Qcow2Parser qcow2;
-  static const std::vector<const FormatParser*> all = {&qcow2};
+  static const VhdxParser vhdx;
+  static const VmdkParser vmdk;
+  static const VhdParser vhd;
+  static const RawGptParser raw;  // last: an MBR signature is the weakest magic
+  static const std::vector<const FormatParser*> all = {&qcow2, &vhdx, &vmdk, &vhd, &raw};
   return all;
 }
 
