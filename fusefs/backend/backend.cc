@@ -1,1 +1,24 @@
-// Not written yet.
+#include "fusefs/backend/backend.h"
+
+#include <string_view>
+
+#include "fusefs/backend/local_backend.h"
+
+namespace vmetafs::backend {
+namespace {
+
+constexpr std::string_view kNfsScheme = "nfs://";
+
+// The NFS backend (libnfs) plugs in here.
+Status OpenNfs(const std::string& spec, std::unique_ptr<Backend>*) {
+  return Status::NotSupported("NFS backings are not supported by this build: " + spec);
+}
+
+}  // namespace
+
+Status Backend::Open(const std::string& spec, std::unique_ptr<Backend>* out) {
+  if (spec.starts_with(kNfsScheme)) return OpenNfs(spec, out);
+  return LocalBackend::Open(spec, out);
+}
+
+}  // namespace vmetafs::backend
