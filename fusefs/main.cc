@@ -1,1 +1,3 @@
-int main() { return 1; }
+#include "fusefs/daemon.h"
+
+int main(int argc, char** argv) { return vmetafs::fusefs::RunDaemon(argc, argv); }

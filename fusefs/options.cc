@@ -159,7 +159,8 @@ bool ParseOptions(int argc, char** argv, Options* out, int* exit_code) {
   } else if (!state.error.empty()) {
     *exit_code = UsageError(state.error);
   } else if (state.positional < 2) {
-    *exit_code = UsageError("missing BACKING and MOUNTPOINT");
+    *exit_code =
+        UsageError(state.positional == 0 ? "missing BACKING and MOUNTPOINT" : "missing MOUNTPOINT");
   }
   return *exit_code == kExitOk;
 }

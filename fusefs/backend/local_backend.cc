@@ -81,7 +81,7 @@ Status LocalBackend::OpenBeneath(const std::string& path, int flags, mode_t mode
   VMETAFS_RETURN_IF_ERROR(CheckRelative(path));
   struct open_how how = {};
   how.flags = static_cast<uint64_t>(flags | O_CLOEXEC);
-  how.mode = (flags & (O_CREAT | O_TMPFILE)) != 0 ? mode : 0;
+  how.mode = (flags & (O_CREAT | O_TMPFILE)) != 0 ? (mode & 07777) : 0;  // openat2 is strict
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
   const char* name = path.empty() ? "." : path.c_str();
   for (int attempt = 0;; ++attempt) {

@@ -1,0 +1,139 @@
+// Filesystem: open handles, the first open through the store, and the last release.
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+
+#include "fusefs/filesystem.h"
+#include "store/formats/format.h"
+
+namespace vmetafs::fusefs {
+
+int BackendOpenFlags(int client_flags) {
+  constexpr int kPassed = O_ACCMODE | O_DIRECT | O_SYNC | O_DSYNC | O_NOATIME | O_LARGEFILE;
+  return client_flags & kPassed;
+}
+
+Status Filesystem::OpenHandle(const std::shared_ptr<Inode>& node, int flags, FileHandle** out) {
+  std::string path;
+  VMETAFS_RETURN_IF_ERROR(PathOf(node->id(), &path));
+  std::unique_ptr<backend::File> file;
+  VMETAFS_RETURN_IF_ERROR(backend_->Open(path, flags, 0, &file));
+  return Attach(node, std::move(file), flags, out);
+}
+
+// The store gets its own buffered handle: it reads and restores metadata at any offset and must
+// be able to write even when the client opened read-only (qemu-img info, check).
+Status Filesystem::FirstOpen(const std::string& path,
+                             std::shared_ptr<store::ProtectedImage>* image) {
+  std::unique_ptr<backend::File> own;
+  Status st = backend_->Open(path, O_RDWR, 0, &own);
+  if (st.Errno() == EROFS || st.Errno() == EACCES || st.Errno() == EPERM) {
+    st = backend_->Open(path, O_RDONLY, 0, &own);
+  }
+  VMETAFS_RETURN_IF_ERROR(st);
+  st = protector_->OpenFirst(path, std::move(own), image);
+  if (!st.ok()) spdlog::error("open of {} refused by the store: {}", path, st.ToString());
+  return st;
+}
+
+Status Filesystem::Attach(const std::shared_ptr<Inode>& node, std::unique_ptr<backend::File> file,
+                          int flags, FileHandle** out) {
+  std::lock_guard lock(node->open.mutex);
+  if (node->open.handles.empty()) {
+    if (protector_ != nullptr && node->type() == S_IFREG) {
+      std::string path;
+      VMETAFS_RETURN_IF_ERROR(PathOf(node->id(), &path));
+      VMETAFS_RETURN_IF_ERROR(FirstOpen(path, &node->open.image));
+    }
+    std::lock_guard open_lock(open_mutex_);
+    open_.insert(node);
+  }
+  auto* fh = new FileHandle{node, std::move(file), node->open.image, flags};
+  node->open.handles.insert(fh);
+  *out = fh;
+  return Status::Ok();
+}
+
+void Filesystem::CloseHandle(FileHandle* fh) {
+  std::shared_ptr<Inode> node = fh->inode;
+  std::lock_guard lock(node->open.mutex);
+  node->open.handles.erase(fh);
+  delete fh;  // closes the client's descriptor (and its locks) before the store looks
+  if (!node->open.handles.empty()) return;
+  if (node->open.image != nullptr) {
+    Status st = node->open.image->Release();
+    if (!st.ok()) spdlog::error("releasing inode {}: {}", node->id(), st.ToString());
+    node->open.image.reset();
+  }
+  std::lock_guard open_lock(open_mutex_);
+  open_.erase(node);
+}
+
+void Filesystem::ReleaseAll() {
+  std::set<std::shared_ptr<Inode>> open;
+  {
+    std::lock_guard open_lock(open_mutex_);
+    open = open_;
+  }
+  for (const auto& node : open) {
+    std::vector<FileHandle*> handles;
+    {
+      std::lock_guard lock(node->open.mutex);
+      handles.assign(node->open.handles.begin(), node->open.handles.end());
+    }
+    for (FileHandle* fh : handles) CloseHandle(fh);
+  }
+}
+
+Status Filesystem::StatOpen(Inode& node, struct stat* st) {
+  std::lock_guard lock(node.open.mutex);
+  if (node.open.handles.empty()) return Status::IoError("file is gone from the backing", ESTALE);
+  return (*node.open.handles.begin())->file->Fstat(st);
+}
+
+// Images, and files that may become one (empty), bypass the kernel page cache so that the store
+// sees each write when and as the client made it; other files may be cached.
+void Filesystem::FinishOpen(FileHandle* fh, fuse_file_info* fi) {
+  struct stat st;
+  bool direct = false;
+  if (fh->inode->type() == S_IFREG && fh->file->Fstat(&st).ok()) {
+    if (st.st_size == 0 || (fh->image != nullptr && fh->image->is_image())) {
+      direct = true;
+    } else if (fh->image == nullptr && (fh->flags & O_ACCMODE) != O_WRONLY) {
+      direct = store::DetectFormat(*fh->file) != nullptr;
+    }
+  }
+  fi->fh = reinterpret_cast<uint64_t>(fh);
+  fi->direct_io = direct ? 1 : 0;
+  fi->keep_cache = 0;
+}
+
+Status Filesystem::WriteThrough(FileHandle& fh, uint64_t offset, std::span<const uint8_t> data) {
+  auto write = [&] {
+    size_t done = 0;
+    return fh.file->Write(offset, data, &done);
+  };
+  return fh.image != nullptr ? fh.image->Write(offset, data, write) : write();
+}
+
+Status Filesystem::TruncateThrough(FileHandle& fh, uint64_t size) {
+  auto truncate = [&] { return fh.file->Truncate(size); };
+  return fh.image != nullptr ? fh.image->Truncate(size, truncate) : truncate();
+}
+
+// A truncate without an open handle still goes through the store, with a handle of its own.
+Status Filesystem::TruncateFile(const std::shared_ptr<Inode>& node, FileHandle* fh, uint64_t size) {
+  if (fh != nullptr) return TruncateThrough(*fh, size);
+  std::string path;
+  VMETAFS_RETURN_IF_ERROR(PathOf(node->id(), &path));
+  if (protector_ == nullptr || node->type() != S_IFREG) return backend_->Truncate(path, size);
+  FileHandle* tmp = nullptr;
+  VMETAFS_RETURN_IF_ERROR(OpenHandle(node, O_WRONLY, &tmp));
+  Status st = TruncateThrough(*tmp, size);
+  CloseHandle(tmp);
+  return st;
+}
+
+}  // namespace vmetafs::fusefs
