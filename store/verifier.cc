@@ -288,25 +288,34 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
 
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
-  unwritten->clear();
-  std::vector<QuarantinedUnit> quarantine;
-  VMETAFS_RETURN_IF_ERROR(ReadUnits(
-      file, plan.restore, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
-        quarantine.push_back({u, std::string(bytes.begin(), bytes.end())});
-        return Status::Ok();
-      }));
-  // The replaced bytes are in the journal before the first byte is written: every restore can be
-  // undone, even one interrupted half way.
-  VMETAFS_RETURN_IF_ERROR(
-      RecordEvent(journal, image, Action::kRestored, plan.restore, plan.detail, quarantine));
-  VMETAFS_RETURN_IF_ERROR(journal.Sync());
-  Status write_status;
   std::vector<QuarantinedUnit> contents;
   for (const MetadataUnit& u : plan.restore) {
     UnitVersion full;
     VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
     contents.push_back({u, std::move(full.content)});
   }
+  return RestoreContents(journal, image, file, std::move(contents), plan.detail, progress,
+                         unwritten);
+}
+
+Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& file,
+                       std::vector<QuarantinedUnit> contents, const std::string& detail,
+                       const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
+  unwritten->clear();
+  std::vector<MetadataUnit> units;
+  for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
+  std::vector<QuarantinedUnit> quarantine;
+  VMETAFS_RETURN_IF_ERROR(ReadUnits(
+      file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+        quarantine.push_back({u, std::string(bytes.begin(), bytes.end())});
+        return Status::Ok();
+      }));
+  // The replaced bytes are in the journal before the first byte is written: every restore can be
+  // undone, even one interrupted half way.
+  VMETAFS_RETURN_IF_ERROR(
+      RecordEvent(journal, image, Action::kRestored, units, detail, quarantine));
+  VMETAFS_RETURN_IF_ERROR(journal.Sync());
+  Status write_status;
   for (const QuarantinedUnit& c : contents) {
     if (!write_status.ok()) break;
     write_status = file.WriteAt(
@@ -316,7 +325,7 @@ Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, cons
   if (write_status.ok()) write_status = file.Sync();
   if (!write_status.ok()) {
     *unwritten = std::move(contents);
-    return RecordEvent(journal, image, Action::kRestored, plan.restore,
+    return RecordEvent(journal, image, Action::kRestored, units,
                        fmt::format("the restored units could not be written back ({}); they are "
                                    "served from the journal while the image is open",
                                    write_status.ToString()));

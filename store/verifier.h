@@ -80,6 +80,15 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
 
+// The write half of Restore, for callers that choose the contents themselves (meta-restore
+// --at writes older journaled versions): the bytes being replaced go to quarantine with a
+// kRestored event saying `detail`, then `contents` (unit + the bytes to put there) are written and
+// synced. When the storage refuses the writes, *unwritten receives `contents` and a second event
+// says so. Restore() is this with the journal's latest content of plan.restore.
+Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& file,
+                       std::vector<QuarantinedUnit> contents, const std::string& detail,
+                       const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
+
 // Makes the journal equal the storage's current metadata (`parsed.map`): units it lacks are
 // captured, units no longer in the map are retired, units whose content differs (adopted changes,
 // pending writes that never landed) are journaled anew with the old version kept as history.
