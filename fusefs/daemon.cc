@@ -257,6 +257,17 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
   return ret < 0 ? kExitFailure : kExitOk;
 }
 
+store::ProtectorOptions StoreOptions(const Options& o, const std::string& backing_id) {
+  store::ProtectorOptions p;
+  p.store_dir = o.store_dir.empty() ? DefaultStoreDir(backing_id)
+                                    : std::filesystem::absolute(o.store_dir).string();
+  p.journal.sync = o.sync;
+  p.journal.periodic_ms = o.periodic_ms;
+  p.journal.backing = backing_id;
+  p.fail_writes_when_unprotected = o.fail_unprotected_writes;
+  return p;
+}
+
 }  // namespace
 
 int RunDaemon(int argc, char** argv) {
@@ -269,31 +280,22 @@ int RunDaemon(int argc, char** argv) {
   RaiseFileLimit();
 
   std::unique_ptr<backend::Backend> backend;
-  Status st = backend::Backend::Open(o.backing, &backend);
-  if (!st.ok()) return Fail(st);
   std::string mountpoint;
-  st = CheckMountpoint(o.mountpoint, &mountpoint);
+  Status st = backend::Backend::Open(o.backing, &backend);
+  if (st.ok()) st = CheckMountpoint(o.mountpoint, &mountpoint);
   if (!st.ok()) return Fail(st);
-  store::ProtectorOptions popts;
-  if (o.journal) {
-    popts.store_dir = o.store_dir.empty() ? DefaultStoreDir(backend->Id())
-                                          : std::filesystem::absolute(o.store_dir).string();
-    popts.journal.sync = o.sync;
-    popts.journal.periodic_ms = o.periodic_ms;
-    popts.journal.backing = backend->Id();
-    popts.fail_writes_when_unprotected = o.fail_unprotected_writes;
-    st = PrepareStore(popts.store_dir);
-    if (!st.ok()) return Fail(st);
-  }
+  store::ProtectorOptions popts = StoreOptions(o, backend->Id());
   SessionArgs args(o, backend->Id());
   Filesystem fs(std::move(backend), FsConfig{});
-  st = fs.Init();
-  if (!st.ok()) return Fail(st);
   const fuse_lowlevel_ops& ops = Operations();
   fuse_session* se = fuse_session_new(&args.args, &ops, sizeof(ops), &fs);
   if (se == nullptr) return kExitUsage;  // libfuse named the bad option
+  st = fs.Init();
+  if (st.ok() && o.journal) st = PrepareStore(popts.store_dir);
   Readiness ready;
-  if (o.foreground || !ready.ForkAndWait(&code)) {
+  if (!st.ok()) {
+    code = Fail(st);
+  } else if (o.foreground || !ready.ForkAndWait(&code)) {
     code = Serve(se, fs, o, mountpoint, o.journal ? &popts : nullptr, ready);
     ready.Report(code);
   }
