@@ -279,11 +279,3 @@ def test_store_of_another_backing_is_refused(backing, make_backing, mount, tmp_p
         qemu_img_check(mount / IMAGE)
         expect_decision(mount, IMAGE, "verified")
 
-
-def test_missing_store_option_is_refused(backing, tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    cmd = daemon_command(backing.spec, mnt, tmp_path / "store")
-    cmd[cmd.index("-o") + 1] = "sync=flush"
-    err = start_expecting_refusal(cmd, mnt, tmp_path / "log")
-    assert_mentions(err, "store")
