@@ -3,15 +3,15 @@
 #include <string_view>
 
 #include "fusefs/backend/local_backend.h"
+#include "fusefs/backend/nfs_backend.h"
 
 namespace vmetafs::backend {
 namespace {
 
 constexpr std::string_view kNfsScheme = "nfs://";
 
-// The NFS backend (libnfs) plugs in here.
-Status OpenNfs(const std::string& spec, std::unique_ptr<Backend>*) {
-  return Status::NotSupported("NFS backings are not supported by this build: " + spec);
+Status OpenNfs(const std::string& spec, std::unique_ptr<Backend>* out) {
+  return NfsBackend::Open(spec, out);
 }
 
 }  // namespace
