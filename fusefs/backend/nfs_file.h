@@ -17,6 +17,7 @@
 // (SEEK_HOLE = size). CopyRangeTo: NotSupported. Thread safety: all methods, any thread.
 #pragma once
 
+#include <fcntl.h>  // before backend.h, which names struct flock without including it
 #include <sys/stat.h>
 
 #include <atomic>
