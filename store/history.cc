@@ -137,9 +137,8 @@ Status ChooseVersion(const Journal& journal, uint64_t image_id, const UnitVersio
     }
   }
   // The ring holds the unit's whole life only while it is not full.
-  c->choice = older.size() < journal.options().history_versions
-                  ? VersionChoice::Choice::kBornLater
-                  : VersionChoice::Choice::kAgedOut;
+  c->choice = older.size() < journal.options().history_versions ? VersionChoice::Choice::kBornLater
+                                                                : VersionChoice::Choice::kAgedOut;
   return Status::Ok();
 }
 
@@ -207,16 +206,15 @@ Status CheckView(const ImageRecord& image, const ImageFile& file, const ParseLim
   // Metadata of the view whose content at the point the journal cannot give.
   for (const MetadataUnit& u : plan->view.map.units()) {
     auto it = journaled.find(UnitKey{u.extent, u.offset});
-    const bool known = it != journaled.end() &&
-                       (it->second->choice == VersionChoice::Choice::kCurrent ||
-                        it->second->choice == VersionChoice::Choice::kWrite);
+    const bool known =
+        it != journaled.end() && (it->second->choice == VersionChoice::Choice::kCurrent ||
+                                  it->second->choice == VersionChoice::Choice::kWrite);
     if (known) continue;
     if (plan->unknown_referenced++ < 3) {
       plan->problems.push_back(fmt::format(
           "{} was metadata at {} but the journal no longer holds its content from then ({})",
           UnitName(u), plan->point.ToString(),
-          it == journaled.end() ? "not journaled"
-                                : std::string(ChoiceName(it->second->choice))));
+          it == journaled.end() ? "not journaled" : std::string(ChoiceName(it->second->choice))));
     }
   }
   return Status::Ok();
@@ -315,7 +313,8 @@ Status RestoreToPoint(Journal& journal, const ImageRecord& image, ImageFile& fil
   }
   std::vector<QuarantinedUnit> contents;
   for (const VersionChoice& c : plan.units) {
-    if (c.choice == VersionChoice::Choice::kWrite) contents.push_back({c.chosen.unit, c.chosen.content});
+    if (c.choice == VersionChoice::Choice::kWrite)
+      contents.push_back({c.chosen.unit, c.chosen.content});
   }
   if (!contents.empty()) {
     std::vector<QuarantinedUnit> unwritten;

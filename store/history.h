@@ -48,16 +48,16 @@ Status ParsePointInTime(std::string_view text, PointInTime* out);
 // One journaled unit and the version chosen for it.
 struct VersionChoice {
   enum class Choice : uint8_t {
-    kCurrent,      // the storage already holds the chosen version
-    kWrite,        // the chosen version will be written
+    kCurrent,        // the storage already holds the chosen version
+    kWrite,          // the chosen version will be written
     kNotReferenced,  // differs, but the view as of the point does not reference it: left alone
-    kBornLater,    // every journaled version is newer: the unit was not metadata then
-    kAgedOut,      // the ring no longer holds a version that old
+    kBornLater,      // every journaled version is newer: the unit was not metadata then
+    kAgedOut,        // the ring no longer holds a version that old
   };
   MetadataUnit unit;
   Choice choice = Choice::kCurrent;
   uint64_t storage_hash = 0;
-  UnitVersion chosen;  // with content; meaningful for kCurrent, kWrite and kNotReferenced
+  UnitVersion chosen;   // with content; meaningful for kCurrent, kWrite and kNotReferenced
   size_t versions = 0;  // journaled versions of the unit (latest + history)
 };
 std::string_view ChoiceName(VersionChoice::Choice c);
@@ -67,7 +67,7 @@ struct VersionPlan {
   std::vector<VersionChoice> units;  // every journaled unit, in (extent, offset) order
   size_t to_write = 0;
   size_t unknown_referenced = 0;  // units the view references whose content then is not journaled
-  ParsedImage view;                  // the image as of the point
+  ParsedImage view;               // the image as of the point
   std::vector<std::string> problems;  // the view's problems (parse and deep check): refuse if any
   std::string detail;                 // the event's reason, in words
 

@@ -26,7 +26,8 @@ constexpr size_t kSectionHead = 12;  // type u32 + length u64
 constexpr size_t kSectionTail = 8;   // checksum
 
 uint64_t Hash(std::string_view s) {
-  return ContentHash(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+  return ContentHash(
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
 }
 
 // ---- encoding ----
@@ -142,10 +143,18 @@ std::string EncodeQuarantine(uint64_t event_seq, const QuarantinedUnit& q) {
 class Reader {
  public:
   explicit Reader(std::string_view in) : in_(in) {}
-  bool U8(uint8_t* v) { return Fixed(1, [&](const uint8_t* p) { *v = p[0]; }); }
-  bool U16(uint16_t* v) { return Fixed(2, [&](const uint8_t* p) { *v = LoadBe16(p); }); }
-  bool U32(uint32_t* v) { return Fixed(4, [&](const uint8_t* p) { *v = LoadBe32(p); }); }
-  bool U64(uint64_t* v) { return Fixed(8, [&](const uint8_t* p) { *v = LoadBe64(p); }); }
+  bool U8(uint8_t* v) {
+    return Fixed(1, [&](const uint8_t* p) { *v = p[0]; });
+  }
+  bool U16(uint16_t* v) {
+    return Fixed(2, [&](const uint8_t* p) { *v = LoadBe16(p); });
+  }
+  bool U32(uint32_t* v) {
+    return Fixed(4, [&](const uint8_t* p) { *v = LoadBe32(p); });
+  }
+  bool U64(uint64_t* v) {
+    return Fixed(8, [&](const uint8_t* p) { *v = LoadBe64(p); });
+  }
   bool I64(int64_t* v) {
     uint64_t u = 0;
     if (!U64(&u)) return false;
@@ -202,9 +211,8 @@ bool DecodeRecord(std::string_view payload, ImageRecord* rec) {
             r.U64(&rec->identity.size) && r.I64(&rec->identity.mtime_ns) &&
             r.I64(&rec->identity.ctime_ns) && r.U64(&rec->identity.ino) &&
             r.U64(&rec->identity.change_attr) && r.Bool(&rec->in_use) && r.U8(&protection) &&
-            r.Str(&rec->unprotected_reason) && r.U64(&rec->flush_epoch) &&
-            r.U64(&rec->last_seq) && r.I64(&rec->last_check_ns) && r.Str(&rec->last_check) &&
-            r.Done() && protection <= 1;
+            r.Str(&rec->unprotected_reason) && r.U64(&rec->flush_epoch) && r.U64(&rec->last_seq) &&
+            r.I64(&rec->last_check_ns) && r.Str(&rec->last_check) && r.Done() && protection <= 1;
   rec->protection = static_cast<Protection>(protection);
   return ok;
 }
@@ -221,8 +229,8 @@ bool DecodeEvent(std::string_view payload, Event* e) {
   Reader r(payload);
   uint8_t action = 0;
   uint32_t n = 0;
-  if (!r.U64(&e->seq) || !r.I64(&e->time_ns) || !r.Str(&e->image) || !r.U8(&action) ||
-      !r.U32(&n) || action > static_cast<uint8_t>(Action::kRefused)) {
+  if (!r.U64(&e->seq) || !r.I64(&e->time_ns) || !r.Str(&e->image) || !r.U8(&action) || !r.U32(&n) ||
+      action > static_cast<uint8_t>(Action::kRefused)) {
     return false;
   }
   e->action = static_cast<Action>(action);
@@ -303,9 +311,9 @@ Status CheckSemantics(const JournalExport& e) {
     const MetadataUnit& u = v.version.unit;
     if (v.version.seq < last_seq) return Status::Corruption("unit versions out of order");
     last_seq = v.version.seq;
-    if (ContentHash(std::span<const uint8_t>(
-            reinterpret_cast<const uint8_t*>(v.version.content.data()),
-            v.version.content.size())) != v.version.hash) {
+    if (ContentHash(
+            std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.version.content.data()),
+                                     v.version.content.size())) != v.version.hash) {
       return Status::Corruption(
           fmt::format("the content of the unit at offset {} does not match its hash", u.offset));
     }
@@ -370,9 +378,9 @@ Status DecodeExport(std::string_view bytes, JournalExport* out) {
   }
   const uint32_t version = LoadBe32(reinterpret_cast<const uint8_t*>(bytes.data() + kMagicSize));
   if (version != kExportVersion) {
-    return Status::NotSupported(fmt::format(
-        "journal export version {} is not supported (this vmetafs reads version {})", version,
-        kExportVersion));
+    return Status::NotSupported(
+        fmt::format("journal export version {} is not supported (this vmetafs reads version {})",
+                    version, kExportVersion));
   }
   size_t pos = kMagicSize + 4, index = 0;
   uint64_t last_event = 0;
@@ -385,8 +393,8 @@ Status DecodeExport(std::string_view bytes, JournalExport* out) {
     const uint64_t length = LoadBe64(p + 4);
     if (length > bytes.size() - pos - kSectionHead ||
         bytes.size() - pos - kSectionHead - length < kSectionTail) {
-      return damaged(fmt::format("section {} ({}) at byte {} runs past the end of the file",
-                                 index, SectionName(type), pos));
+      return damaged(fmt::format("section {} ({}) at byte {} runs past the end of the file", index,
+                                 SectionName(type), pos));
     }
     std::string_view whole = bytes.substr(pos, kSectionHead + length);
     std::string_view payload = whole.substr(kSectionHead);

@@ -57,8 +57,8 @@ struct JournalExport {
     UnitVersion version;  // with content
     bool latest = false;
   };
-  std::vector<Version> versions;  // by seq
-  std::vector<Event> events;      // by seq
+  std::vector<Version> versions;                                // by seq
+  std::vector<Event> events;                                    // by seq
   std::map<uint64_t, std::vector<QuarantinedUnit>> quarantine;  // by event seq
 
   uint64_t ContentBytes() const;
@@ -78,9 +78,9 @@ Status WriteExportFile(const std::string& path, const JournalExport& e);
 Status ReadExportFile(const std::string& path, JournalExport* out);
 
 struct ImportResult {
-  ImageRecord record;           // the imported image as the store now has it
-  bool replaced = false;        // the store had a journal for the path: replaced by the import
-  uint64_t replaced_id = 0;     // its id (its events stay in the store)
+  ImageRecord record;        // the imported image as the store now has it
+  bool replaced = false;     // the store had a journal for the path: replaced by the import
+  uint64_t replaced_id = 0;  // its id (its events stay in the store)
   size_t units = 0, versions = 0, events = 0, quarantined = 0;
 };
 

@@ -38,8 +38,8 @@ Status PlanDecision(const Journal& journal, const ImageRecord& image, const Imag
 
 struct OfflineOutcome {
   ReconcileStats reconciled;
-  size_t written_units = 0;         // units written to the storage (restored)
-  bool valid_after = false;         // the storage parses as a valid image afterwards
+  size_t written_units = 0;           // units written to the storage (restored)
+  bool valid_after = false;           // the storage parses as a valid image afterwards
   std::vector<std::string> problems;  // the storage's problems afterwards, when not valid
 };
 

@@ -305,8 +305,8 @@ Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& fi
   std::vector<MetadataUnit> units;
   for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
   std::vector<QuarantinedUnit> quarantine;
-  VMETAFS_RETURN_IF_ERROR(ReadUnits(
-      file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+  VMETAFS_RETURN_IF_ERROR(
+      ReadUnits(file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
         quarantine.push_back({u, std::string(bytes.begin(), bytes.end())});
         return Status::Ok();
       }));

@@ -2,12 +2,11 @@
 
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <fstream>
 #include <map>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "store/coding.h"
 #include "tests/test_images.h"
