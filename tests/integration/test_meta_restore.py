@@ -221,7 +221,7 @@ def test_restore_at_a_point_before_the_journal_is_refused(backing, mount, tmp_pa
     assert sha256(raw) == before
 
 
-def test_export_import_into_another_store_heals(backing, mount, tmp_path):
+def test_export_import_into_another_store_heals(backing, mount, make_mount, tmp_path):
     make_images(mount, ["vm.qcow2"])
     raw = backing / "vm.qcow2"
     reference = tmp_path / "reference.qcow2"
@@ -265,6 +265,13 @@ def test_export_import_into_another_store_heals(backing, mount, tmp_path):
     history = events(other, "vm.qcow2")
     assert "restored" in [e["action"] for e in history], history
     assert mr(other, "verify", "vm.qcow2").returncode == 0
+
+    # A daemon on that store protects the image: damage is restored at its first open.
+    poke(raw, off, random_bytes(length, seed=7))
+    with make_mount(backing, name="other", store=other).running() as m:
+        qemu_img_compare(reference, m / "vm.qcow2")
+        assert "restored" in m.decisions("vm.qcow2"), m.log()
+    qemu_img_compare(reference, raw)
 
 
 def test_errors_exit_2_with_a_message(backing, mount, tmp_path):

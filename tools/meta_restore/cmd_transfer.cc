@@ -96,7 +96,12 @@ int ImportCommand(const GlobalOptions& g, const std::string& file) {
         static_cast<unsigned long>(existing.last_seq), e.image_path.c_str());
   }
   const std::string here = s->BackingSpec();
-  if (!here.empty() && here != e.backing) {
+  if (here.empty()) {
+    Warn(
+        fmt::format("the store {} records no backing yet (the first vmetafs mounted with "
+                    "store={} claims it); give --backing to check that {} is there",
+                    g.store, g.store, e.image_path));
+  } else if (here != e.backing) {
     Warn(fmt::format("the export comes from a store of backing {}; this store's backing is {}",
                      e.backing, here));
   }
