@@ -33,9 +33,7 @@ Status Filesystem::FirstOpen(const std::string& path,
     st = backend_->Open(path, O_RDONLY, 0, &own);
   }
   VMETAFS_RETURN_IF_ERROR(st);
-  st = protector_->OpenFirst(path, std::move(own), image);
-  if (!st.ok()) spdlog::error("open of {} refused by the store: {}", path, st.ToString());
-  return st;
+  return protector_->OpenFirst(path, std::move(own), image);  // it logs its decision
 }
 
 Status Filesystem::Attach(const std::shared_ptr<Inode>& node, std::unique_ptr<backend::File> file,
