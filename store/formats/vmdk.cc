@@ -142,6 +142,10 @@ class VmdkImage {
 
 Status VmdkImage::Run() {
   out_->format = "vmdk";
+  if (size_ < kDescriptorStart.size()) {
+    Problem(fmt::format("VMDK file of {} bytes is too short for a header or a descriptor", size_));
+    return Status::Ok();
+  }
   uint8_t first[kSector] = {};
   VMETAFS_RETURN_IF_ERROR(file_.ReadAt(0, std::span(first, std::min<uint64_t>(size_, kSector))));
   if (size_ >= kSector && std::memcmp(first, kMagic, 4) == 0) return RunSparse(first);

@@ -152,8 +152,9 @@ std::vector<uint8_t> Marker(uint64_t sectors, uint32_t type) {
 void MakeGdAtEnd(const std::string& src, const std::string& dst) {
   std::vector<uint8_t> b = ReadFile(src);
   const Header h = ReadHeader(b);
+  REQUIRE(b.size() >= 1024);
   REQUIRE(std::all_of(b.end() - 512, b.end(), [](uint8_t c) { return c == 0; }));  // EOS
-  b.resize(b.size() - 512);
+  b.erase(b.end() - 512, b.end());
   std::vector<uint8_t> gd(RoundUp(h.gd_entries() * 4), 0);
   for (uint64_t i = 0; i < h.gd_entries(); ++i) {
     const uint64_t old = Le32(b, h.gd * 512 + 4 * i);
