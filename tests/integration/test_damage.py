@@ -89,11 +89,14 @@ def zero_snapshot_l1(layout: Qcow2Layout, path) -> Ranges:
     return [(snap.l1_table_offset, snap.l1_size * 8)]
 
 
-def zero_snapshot_l1_and_table(layout: Qcow2Layout, path) -> Ranges:
-    ranges = zero_snapshot_l1(layout, path)
+def zero_snapshot_table(layout: Qcow2Layout, path) -> Ranges:
     off, length = layout.snapshot_table_range
     zero(path, off, length)
-    return ranges + [(off, length)]
+    return [(off, length)]
+
+
+def zero_snapshot_l1_and_table(layout: Qcow2Layout, path) -> Ranges:
+    return zero_snapshot_l1(layout, path) + zero_snapshot_table(layout, path)
 
 
 @dataclass
@@ -114,6 +117,7 @@ DAMAGES = {
     "flip-l1-offset-bit": Damage(flip_l1_offset_bit),
     "zero-snapshot-l1": Damage(zero_snapshot_l1, snapshot=True),
     "zero-snapshot-l1-and-table": Damage(zero_snapshot_l1_and_table, snapshot=True),
+    "zero-snapshot-table": Damage(zero_snapshot_table, snapshot=True),
 }
 
 # The first two kinds with both client cache modes; the others alternate between the two.
