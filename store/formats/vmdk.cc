@@ -17,7 +17,7 @@ constexpr uint8_t kMagic[4] = {'K', 'D', 'M', 'V'};
 constexpr std::string_view kDescriptorStart = "# Disk DescriptorFile";
 constexpr uint64_t kGdAtEnd = ~0ull;
 constexpr uint32_t kFlagNewlineTest = 1u << 0, kFlagRedundant = 1u << 1,
-                   kFlagZeroedGrains = 1u << 2, kFlagCompressed = 1u << 16, kFlagMarkers = 1u << 17;
+                   kFlagZeroedGrains = 1u << 2, kFlagCompressed = 1u << 16;
 constexpr uint32_t kMarkerEndOfStream = 0, kMarkerGrainTable = 1, kMarkerGrainDirectory = 2,
                    kMarkerFooter = 3;
 constexpr uint64_t kMaxGrainSectors = 0x200000;  // qemu's limit: 1 GiB grains
