@@ -73,10 +73,12 @@ int Fail(const Status& st) {
 
 // Undoes the octal escapes of /proc/self/mountinfo ("\040" for a space).
 std::string Unescape(const std::string& s) {
+  auto octal = [&](size_t i) { return s[i] >= '0' && s[i] <= '7'; };
   std::string out;
   for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 3 < s.size()) {
-      out.push_back(static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8)));
+    if (s[i] == '\\' && i + 3 < s.size() && octal(i + 1) && octal(i + 2) && octal(i + 3)) {
+      out.push_back(
+          static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0')));
       i += 3;
     } else {
       out.push_back(s[i]);
