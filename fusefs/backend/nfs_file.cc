@@ -5,10 +5,95 @@
 #include <nfsc/libnfs.h>
 #include <unistd.h>
 
+#include <poll.h>
+
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 
 namespace vmetafs::backend {
+namespace {
+
+// At most this many READs/WRITEs of one request are in flight at once on a connection.
+constexpr uint64_t kMaxInFlight = 64;
+
+// The chunks of one pipelined request. Callbacks run inside nfs_service() or, for chunks still
+// pending when a dead connection is destroyed, inside nfs_destroy_context(): each holds a
+// reference, so the batch outlives a waiter that gave up.
+struct Batch {
+  int pending = 0;
+  bool abandoned = false;
+  std::vector<int> result;     // bytes or -errno, per chunk
+  std::vector<uint8_t*> dest;  // reads: where each chunk's bytes go
+  std::vector<uint64_t> length;
+};
+
+struct ChunkArg {
+  std::shared_ptr<Batch> batch;
+  size_t index;
+};
+
+void OnChunk(int err, nfs_context*, void* data, void* private_data) {
+  std::unique_ptr<ChunkArg> arg(static_cast<ChunkArg*>(private_data));
+  Batch& b = *arg->batch;
+  --b.pending;
+  b.result[arg->index] = err;
+  if (err > 0 && !b.abandoned && b.dest[arg->index] != nullptr) {
+    std::memcpy(b.dest[arg->index], data, std::min<uint64_t>(err, b.length[arg->index]));
+  }
+}
+
+// Runs the connection's event loop until every chunk is answered; -EIO if the connection failed.
+int Drive(nfs_context* ctx, const Batch& batch) {
+  while (batch.pending > 0) {
+    pollfd pfd{nfs_get_fd(ctx), static_cast<short>(nfs_which_events(ctx)), 0};
+    int ready = poll(&pfd, 1, 100);  // wakes up regularly so libnfs can time RPCs out
+    if (ready < 0 && errno != EINTR) return -EIO;
+    if (nfs_service(ctx, ready > 0 ? pfd.revents : 0) < 0) return -EIO;
+  }
+  return 0;
+}
+
+// Sends [offset, offset + count) as READs or WRITEs of at most `max` bytes each, all in flight
+// together. Returns the bytes done from `offset` on (up to the first short or failed chunk), or
+// -errno when the first chunk failed.
+int PipelinedIo(NfsConn& conn, nfsfh* fh, bool write, uint64_t offset, uint8_t* buf,
+                uint64_t count, uint64_t max) {
+  auto batch = std::make_shared<Batch>();
+  const size_t chunks = (count + max - 1) / max;
+  batch->result.assign(chunks, -EIO);
+  batch->dest.assign(chunks, nullptr);
+  batch->length.assign(chunks, 0);
+  size_t issued = 0;
+  for (; issued < chunks; ++issued) {
+    uint64_t at = issued * max, len = std::min(max, count - at);
+    batch->length[issued] = len;
+    if (!write) batch->dest[issued] = buf + at;
+    auto* arg = new ChunkArg{batch, issued};
+    ++batch->pending;
+    int rc = write ? nfs_pwrite_async(conn.ctx, fh, offset + at, len, buf + at, OnChunk, arg)
+                   : nfs_pread_async(conn.ctx, fh, offset + at, len, OnChunk, arg);
+    if (rc < 0) {
+      --batch->pending;
+      delete arg;
+      break;
+    }
+  }
+  if (int rc = Drive(conn.ctx, *batch); rc < 0) {
+    batch->abandoned = true;
+    return rc;
+  }
+  uint64_t done = 0;
+  for (size_t i = 0; i < issued; ++i) {
+    int r = batch->result[i];
+    if (r < 0) return done > 0 ? static_cast<int>(done) : r;
+    done += static_cast<uint64_t>(r);
+    if (static_cast<uint64_t>(r) < batch->length[i]) break;
+  }
+  return issued == 0 ? -EIO : static_cast<int>(done);
+}
+
+}  // namespace
 
 std::string NfsShared::NfsPath(const std::string& rel) const {
   if (rel.empty()) return prefix.empty() ? "/" : prefix;
@@ -96,8 +181,8 @@ Status NfsFile::Read(uint64_t offset, std::span<uint8_t> out, size_t* done) cons
   while (*done < out.size()) {
     int got = 0;
     VMETAFS_RETURN_IF_ERROR(WithHandle("read", [&](NfsConn& conn, nfsfh* fh) {
-      uint64_t count = std::min<uint64_t>(out.size() - *done, conn.readmax);
-      int n = nfs_pread(conn.ctx, fh, offset + *done, count, out.data() + *done);
+      uint64_t count = std::min<uint64_t>(out.size() - *done, conn.readmax * kMaxInFlight);
+      int n = PipelinedIo(conn, fh, false, offset + *done, out.data() + *done, count, conn.readmax);
       got = std::max(n, 0);
       return n;
     }));
@@ -112,8 +197,9 @@ Status NfsFile::Write(uint64_t offset, std::span<const uint8_t> data, size_t* do
   while (*done < data.size()) {
     int put = 0;
     VMETAFS_RETURN_IF_ERROR(WithHandle("write", [&](NfsConn& conn, nfsfh* fh) {
-      uint64_t count = std::min<uint64_t>(data.size() - *done, conn.writemax);
-      int n = nfs_pwrite(conn.ctx, fh, offset + *done, count, data.data() + *done);
+      uint64_t count = std::min<uint64_t>(data.size() - *done, conn.writemax * kMaxInFlight);
+      int n = PipelinedIo(conn, fh, true, offset + *done, const_cast<uint8_t*>(data.data()) + *done,
+                          count, conn.writemax);
       put = std::max(n, 0);
       return n;
     }));
