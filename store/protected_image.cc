@@ -240,9 +240,15 @@ Status ProtectedImage::Discard(uint64_t offset, uint64_t length, const IoFn& dis
 Status ProtectedImage::Flush(const IoFn& fsync) {
   State& st = *state_;
   const uint64_t gen = st.write_gen.load();
+  Journal& journal = st.protector->journal();
+  // Write-ahead across a power loss too: what the storage's fsync makes durable must be durable
+  // in the journal first, or a crash between the two leaves the storage newer than the journal.
+  if (st.mode.load() == Mode::kProtected && journal.options().sync == SyncMode::kFlush) {
+    Status s = journal.Sync();
+    if (!s.ok()) VMETAFS_RETURN_IF_ERROR(Degrade(s));
+  }
   VMETAFS_RETURN_IF_ERROR(fsync());
   if (st.mode.load() != Mode::kProtected) return Status::Ok();
-  Journal& journal = st.protector->journal();
   {
     std::lock_guard<std::mutex> lock(st.meta_mutex);
     if (!st.dirty) return Status::Ok();
@@ -254,9 +260,8 @@ Status ProtectedImage::Flush(const IoFn& fsync) {
       st.dirty = false;
     }
   }
-  if (journal.options().sync != SyncMode::kFlush) return Status::Ok();
-  Status s = journal.Sync();
-  return s.ok() ? s : Degrade(s);
+  // CompleteFlush is durable on return (sync=flush, sync=write): nothing is left to sync.
+  return Status::Ok();
 }
 
 void ProtectedImage::PatchRead(uint64_t offset, std::span<uint8_t> buf) const {
