@@ -228,8 +228,11 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   }
   ParsedImage view;
   std::vector<std::string> view_problems;
-  VMETAFS_RETURN_IF_ERROR(
-      JournalView(journal, file, limits, *v, v->changed_outside, &view, &view_problems));
+  // After our own crash (in_use) the journal's view is what vmetafs wrote, journaled ahead: it may
+  // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
+  // but qemu does not. Only a view laid over someone else's changes needs the deep check.
+  const bool deep = v->changed_outside && !v->image.in_use;
+  VMETAFS_RETURN_IF_ERROR(JournalView(journal, file, limits, *v, deep, &view, &view_problems));
   if (!view_problems.empty()) {
     plan->action = Action::kRefused;
     plan->units = differing;
