@@ -32,12 +32,6 @@ constexpr uint64_t kMaxBackingNameBytes = 1023;
 
 uint64_t Align8(uint64_t n) { return (n + 7) & ~uint64_t{7}; }
 
-std::string Printable(std::span<const uint8_t> bytes) {
-  std::string s;
-  for (uint8_t c : bytes) s.push_back(c >= 0x20 && c < 0x7f ? static_cast<char>(c) : '?');
-  return s;
-}
-
 // What the header extensions said, before it is checked against the rest of the header.
 struct Extensions {
   std::map<unsigned, std::string> incompatible_names;  // from the feature name table

@@ -199,6 +199,7 @@ class RefcountCheck {
   // "Bitmap table": each entry is one cluster of bitmap data, or none.
   Status CountBitmapData() {
     for (const BitmapInfo& bm : layout_.bitmaps) {
+      if (bm.table_size == 0) continue;
       std::vector<uint8_t> table(uint64_t{bm.table_size} * 8);
       Status st = file_.ReadAt(bm.table_offset, table);
       if (st.code() == Status::Code::kInvalidArgument) {

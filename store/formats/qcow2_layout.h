@@ -79,6 +79,13 @@ class ProblemList {
   size_t dropped_ = 0;
 };
 
+// Names and strings from the image, made safe to put in a message.
+inline std::string Printable(std::span<const uint8_t> bytes) {
+  std::string s;
+  for (uint8_t c : bytes) s.push_back(c >= 0x20 && c < 0x7f ? static_cast<char>(c) : '?');
+  return s;
+}
+
 // The fixed header fields ("Header"); fields absent from a version 2 header read as 0.
 struct Header {
   uint32_t version = 0;

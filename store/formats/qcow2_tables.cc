@@ -141,7 +141,7 @@ Status WalkSnapshotTable(const ImageFile& file, Layout* layout, ProblemList* pro
     if (len == 0) return Status::Ok();
     const uint8_t* p = reader.At(pos);
     const uint32_t extra = LoadBe32(p + 36);
-    sn.id.assign(reinterpret_cast<const char*>(p + kSnapshotFixedBytes + extra), LoadBe16(p + 12));
+    sn.id = Printable({p + kSnapshotFixedBytes + extra, LoadBe16(p + 12)});
     layout->snapshots.push_back(std::move(sn));
     pos += len;
   }
@@ -176,7 +176,7 @@ uint64_t DecodeBitmapEntry(std::span<const uint8_t> dir, uint64_t pos, const Lay
   bm->table_offset = LoadBe64(p);
   bm->table_size = LoadBe32(p + 8);
   const uint64_t name_at = kBitmapEntryFixedBytes + LoadBe32(p + 20);
-  bm->name.assign(reinterpret_cast<const char*>(p + name_at), name_size);
+  bm->name = Printable({p + name_at, name_size});
   if (name_size == 0 || name_size > kBitmapMaxNameBytes || type != kBitmapTypeDirty ||
       granularity_bits < 9 || granularity_bits > 31 || (flags & kBitmapReservedFlags)) {
     problems->Add(
@@ -238,6 +238,10 @@ Status ReadTable(const ImageFile& file, Layout* layout, uint64_t offset, uint64_
   }
   layout->table_bytes_read += bytes;
   out->resize(bytes);
+  if (bytes == 0) {
+    *ok = true;
+    return Status::Ok();
+  }
   Status st = file.ReadAt(offset, *out);
   if (st.code() == Status::Code::kInvalidArgument) {
     problems->Add("reading {} bytes at offset {} failed, the file is shorter: {}", bytes, offset,

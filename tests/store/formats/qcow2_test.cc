@@ -460,6 +460,11 @@ TEST_CASE("qcow2 damage: truncated files and tight limits", "[qcow2]") {
     Run("truncate -s " + std::to_string(d.cluster_size()) + " " + d.path());
     CHECK(Mentions(ParseFile(d.path()).problems, "past the end of the file"));
   }
+  SECTION("empty") {
+    Run("truncate -s 0 " + d.path());
+    CHECK_FALSE(kParser.Probe(*OpenLocalImage(d.path())));
+    CHECK(Mentions(ParseFile(d.path()).problems, "magic"));
+  }
   SECTION("a few bytes") {
     Run("truncate -s 50 " + d.path());
     CHECK(Mentions(ParseFile(d.path()).problems, "too short"));
