@@ -117,14 +117,22 @@ bool MountRefused(const Status& st) {
 mode_t TypeOf(const nfsdirent& e) {
   if ((e.mode & S_IFMT) != 0) return e.mode & S_IFMT;
   switch (e.type) {
-    case NF3REG: return S_IFREG;
-    case NF3DIR: return S_IFDIR;
-    case NF3BLK: return S_IFBLK;
-    case NF3CHR: return S_IFCHR;
-    case NF3LNK: return S_IFLNK;
-    case NF3SOCK: return S_IFSOCK;
-    case NF3FIFO: return S_IFIFO;
-    default: return 0;
+    case NF3REG:
+      return S_IFREG;
+    case NF3DIR:
+      return S_IFDIR;
+    case NF3BLK:
+      return S_IFBLK;
+    case NF3CHR:
+      return S_IFCHR;
+    case NF3LNK:
+      return S_IFLNK;
+    case NF3SOCK:
+      return S_IFSOCK;
+    case NF3FIFO:
+      return S_IFIFO;
+    default:
+      return 0;
   }
 }
 
@@ -187,25 +195,40 @@ Status NfsBackend::OnPath(std::string_view what, const std::string& path,
 
 Status NfsBackend::Lstat(const std::string& path, struct stat* st) const {
   nfs_stat_64 s{};
-  VMETAFS_RETURN_IF_ERROR(
-      OnPath("lstat", path, [&s](nfs_context* ctx, const char* p) { return nfs_lstat64(ctx, p, &s); }));
+  VMETAFS_RETURN_IF_ERROR(OnPath(
+      "lstat", path, [&s](nfs_context* ctx, const char* p) { return nfs_lstat64(ctx, p, &s); }));
   NfsStatToStat(s, st);
   return Status::Ok();
 }
 
 namespace {
 
-// libnfs 4.0's NFSv4 OPEN with O_CREAT always creates exclusively and leaves the mode unset.
+// libnfs 4.0's NFSv4 OPEN loses track of the open-owner's sequence id after an OPEN fails (every
+// later OPEN on the context gets NFS4ERR_BAD_SEQID; NfsPool reconnects on that), creates only
+// exclusively, fails to create with O_TRUNC, and leaves a new file's mode and times unset. So:
+// look first, never send an OPEN that is known to fail, and fix a new file's attributes.
 int OpenV4(nfs_context* ctx, const char* p, int flags, mode_t mode, nfsfh** fh) {
-  if ((flags & O_CREAT) == 0) return nfs_open(ctx, p, flags, fh);
-  if ((flags & O_EXCL) == 0) {
-    int rc = nfs_open(ctx, p, flags & ~O_CREAT, fh);
-    if (rc != -ENOENT) return rc;
+  const int reopen = flags & ~(O_CREAT | O_EXCL | O_TRUNC);
+  nfs_stat_64 st{};
+  int rc = (flags & O_NOFOLLOW) != 0 ? nfs_lstat64(ctx, p, &st) : nfs_stat64(ctx, p, &st);
+  if (rc == 0) {
+    if ((flags & (O_CREAT | O_EXCL)) == (O_CREAT | O_EXCL)) return -EEXIST;
+    if (S_ISDIR(st.nfs_mode) && (flags & O_ACCMODE) != O_RDONLY) return -EISDIR;
+    return nfs_open(ctx, p, flags & ~(O_CREAT | O_EXCL), fh);
   }
-  int rc = nfs_open2(ctx, p, flags, static_cast<int>(mode), fh);
-  if (rc == -EEXIST && (flags & O_EXCL) == 0) return nfs_open(ctx, p, flags & ~O_CREAT, fh);
-  if (rc == 0) (void)nfs_fchmod(ctx, *fh, static_cast<int>(mode & 07777));
-  return rc;
+  if (rc != -ENOENT || (flags & O_CREAT) == 0) return rc;
+  rc = nfs_open2(ctx, p, flags & ~O_TRUNC, static_cast<int>(mode), fh);
+  if (rc < 0) return rc;
+  // Setting attributes by path opens and closes the file under the context's one open-owner,
+  // which would revoke our open's stateid: close first, fix the attributes, open again.
+  (void)nfs_close(ctx, *fh);
+  *fh = nullptr;
+  struct timeval now[2];
+  gettimeofday(&now[0], nullptr);
+  now[1] = now[0];
+  (void)nfs_chmod(ctx, p, static_cast<int>(mode & 07777));
+  (void)nfs_utimes(ctx, p, now);
+  return nfs_open(ctx, p, reopen, fh);
 }
 
 }  // namespace
@@ -363,9 +386,8 @@ Status NfsBackend::Truncate(const std::string& path, uint64_t size) const {
 
 Status NfsBackend::Statfs(const std::string& path, struct statvfs* st) const {
   nfs_statvfs_64 s{};
-  VMETAFS_RETURN_IF_ERROR(OnPath("statfs", path, [&s](nfs_context* ctx, const char* p) {
-    return nfs_statvfs64(ctx, p, &s);
-  }));
+  VMETAFS_RETURN_IF_ERROR(OnPath(
+      "statfs", path, [&s](nfs_context* ctx, const char* p) { return nfs_statvfs64(ctx, p, &s); }));
   *st = {};
   st->f_bsize = s.f_bsize;
   st->f_frsize = s.f_frsize;
@@ -400,8 +422,7 @@ Status NfsBackend::GetXattr(const std::string&, const std::string&, std::string*
   return Status::NotSupported("extended attributes are not available over NFS");
 }
 
-Status NfsBackend::SetXattr(const std::string&, const std::string&, const std::string&,
-                            int) const {
+Status NfsBackend::SetXattr(const std::string&, const std::string&, const std::string&, int) const {
   return Status::NotSupported("extended attributes are not available over NFS");
 }
 

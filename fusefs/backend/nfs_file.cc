@@ -3,9 +3,8 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <nfsc/libnfs.h>
-#include <unistd.h>
-
 #include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -57,8 +56,8 @@ int Drive(nfs_context* ctx, const Batch& batch) {
 // Sends [offset, offset + count) as READs or WRITEs of at most `max` bytes each, all in flight
 // together. Returns the bytes done from `offset` on (up to the first short or failed chunk), or
 // -errno when the first chunk failed.
-int PipelinedIo(NfsConn& conn, nfsfh* fh, bool write, uint64_t offset, uint8_t* buf,
-                uint64_t count, uint64_t max) {
+int PipelinedIo(NfsConn& conn, nfsfh* fh, bool write, uint64_t offset, uint8_t* buf, uint64_t count,
+                uint64_t max) {
   auto batch = std::make_shared<Batch>();
   const size_t chunks = (count + max - 1) / max;
   batch->result.assign(chunks, -EIO);
@@ -213,8 +212,9 @@ Status NfsFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
   size_t done = 0;
   VMETAFS_RETURN_IF_ERROR(Read(offset, out, &done));
   if (done != out.size()) {
-    return Status::InvalidArgument(fmt::format("read of {} bytes at {} reaches past the end of '{}'",
-                                               out.size(), offset, shared_->PathOf(id_)));
+    return Status::InvalidArgument(
+        fmt::format("read of {} bytes at {} reaches past the end of '{}'", out.size(), offset,
+                    shared_->PathOf(id_)));
   }
   return Status::Ok();
 }
@@ -235,8 +235,8 @@ Status NfsFile::Truncate(uint64_t size) {
 
 Status NfsFile::Fstat(struct stat* st) const {
   nfs_stat_64 s{};
-  VMETAFS_RETURN_IF_ERROR(
-      WithHandle("fstat", [&s](NfsConn& conn, nfsfh* fh) { return nfs_fstat64(conn.ctx, fh, &s); }));
+  VMETAFS_RETURN_IF_ERROR(WithHandle(
+      "fstat", [&s](NfsConn& conn, nfsfh* fh) { return nfs_fstat64(conn.ctx, fh, &s); }));
   NfsStatToStat(s, st);
   fileid_.store(s.nfs_ino);
   return Status::Ok();

@@ -28,9 +28,9 @@ constexpr uint64_t kNfs4WriteMax = 3072;
 
 bool IsTransportError(int err) {
   switch (err) {
-    case EIO:  // libnfs: "nfs_service failed", the socket is gone
+    case EIO:     // libnfs: "nfs_service failed", the socket is gone
     case EFAULT:  // libnfs: RPC_STATUS_ERROR
-    case EINTR:  // libnfs: RPC timed out or cancelled
+    case EINTR:   // libnfs: RPC timed out or cancelled
     case ETIMEDOUT:
     case ECONNRESET:
     case ECONNREFUSED:
@@ -90,9 +90,9 @@ Status NfsPool::Connect(NfsConn& conn) const {
   nfs_umask(ctx, 0);  // modes arrive with the caller's umask applied
   int rc = nfs_mount(ctx, options_.server.c_str(), options_.export_path.c_str());
   if (rc < 0) {
-    Status st = PosixError(fmt::format("mounting nfs://{}{}: {}", options_.server,
-                                       options_.export_path, ErrorOf(ctx)),
-                           -rc);
+    Status st = PosixError(
+        fmt::format("mounting nfs://{}{}: {}", options_.server, options_.export_path, ErrorOf(ctx)),
+        -rc);
     nfs_destroy_context(ctx);
     return st;
   }
@@ -164,8 +164,8 @@ Status NfsPool::Fail(std::string_view what, const std::string& path, int err,
                     err);
 }
 
-Status NfsPool::Run(std::string_view what, const std::string& path, const Call& call,
-                    uint64_t file, bool only_open) {
+Status NfsPool::Run(std::string_view what, const std::string& path, const Call& call, uint64_t file,
+                    bool only_open) {
   const bool soft = options_.timeout_s > 0;
   const auto deadline = Clock::now() + std::chrono::seconds(options_.timeout_s);
   auto backoff = std::chrono::milliseconds(50);
@@ -187,7 +187,10 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
         return Status::Ok();
       }
       detail = ErrorOf(conn.ctx);
-      if (!IsTransportError(-rc) || (fresh && ++fresh_failures > kFreshRetries)) {
+      // libnfs 4.0 cannot recover an NFSv4 open-owner whose seqid it lost (NFS4ERR_BAD_SEQID,
+      // which it reports as ERANGE): only a new context (a new client id) can.
+      const bool reset = IsTransportError(-rc) || (options_.version == 4 && rc == -ERANGE);
+      if (!reset || (fresh && ++fresh_failures > kFreshRetries)) {
         Release(slot);
         return Fail(what, path, -rc, detail);
       }
@@ -201,14 +204,16 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
     }
     if (!fresh) continue;  // a dropped connection: reconnect at once
     auto wait = backoff;
-    if (soft) wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(
-                                        deadline - Clock::now()));
+    if (soft)
+      wait = std::min(
+          wait, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
     std::this_thread::sleep_for(std::max(wait, std::chrono::milliseconds(1)));
     backoff = std::min(backoff * 2, kMaxBackoff);
   }
 }
 
-void NfsPool::NoteOutage(std::string_view what, const std::string& path, const std::string& detail) {
+void NfsPool::NoteOutage(std::string_view what, const std::string& path,
+                         const std::string& detail) {
   std::lock_guard lock(mu_);
   if (outage_logged_) return;
   outage_logged_ = true;

@@ -68,8 +68,8 @@ class NfsPool {
   // `file` (non-zero) prefers a connection where that file is already open; with `only_open`,
   // only such a connection is used (NotFound if none has it). `what`/`path` name the request in
   // errors and the log.
-  Status Run(std::string_view what, const std::string& path, const Call& call,
-             uint64_t file = 0, bool only_open = false);
+  Status Run(std::string_view what, const std::string& path, const Call& call, uint64_t file = 0,
+             bool only_open = false);
 
   // Closes the handles of `file` on every connection (waits for connections in use).
   void CloseFile(uint64_t file);
@@ -80,8 +80,8 @@ class NfsPool {
  private:
   explicit NfsPool(NfsOptions options);
   struct Slot {
-    NfsConn conn;                         // touched only by the request that leased the slot
-    bool busy = false;                    // guarded by mu_
+    NfsConn conn;                           // touched only by the request that leased the slot
+    bool busy = false;                      // guarded by mu_
     std::unordered_set<uint64_t> open_ids;  // guarded by mu_: the keys of conn.files
   };
   Slot* Acquire(uint64_t file, bool only_open);

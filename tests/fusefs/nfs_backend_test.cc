@@ -3,6 +3,7 @@
 // directory itself (parity), then concurrency, rsize/wsize splitting, and outages (the server
 // killed mid-stream, and stopped for longer than a soft timeout).
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -19,7 +20,6 @@
 #include <fstream>
 #include <random>
 #include <set>
-#include <signal.h>
 #include <thread>
 
 #include "fusefs/backend/backend.h"
@@ -146,8 +146,7 @@ TEST_CASE("nfs backend: namespace operations match the exported directory", "[nf
   RequireSameStat(*b, root, "d/a");
   std::unique_ptr<File> again;
   CHECK(b->Open("d/a", O_CREAT | O_RDWR | O_EXCL, 0640, &again).Errno() == EEXIST);
-  CHECK(b->Open("d", O_RDWR, 0, &again).Errno() ==
-        LocalErr(open((root + "/d").c_str(), O_RDWR)));
+  CHECK(b->Open("d", O_RDWR, 0, &again).Errno() == LocalErr(open((root + "/d").c_str(), O_RDWR)));
   CHECK(b->Open("nope", O_RDONLY, 0, &again).Errno() == ENOENT);
   struct stat st;
   CHECK(b->Lstat("nope", &st).Errno() == ENOENT);
@@ -403,8 +402,19 @@ TEST_CASE("nfs backend: NFSv4", "[nfs]") {
   std::unique_ptr<File> f;
   REQUIRE(b->Open("v4/file", O_CREAT | O_RDWR, 0640, &f).ok());
   RequireSameStat(*b, root, "v4/file");
+  struct stat st;
+  REQUIRE(stat((root + "/v4/file").c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0640);
+  CHECK(std::abs(st.st_mtime - time(nullptr)) < 24 * 3600);  // a sane time, not garbage
+  std::unique_ptr<File> truncated;
+  Status created = b->Open("v4/new", O_CREAT | O_TRUNC | O_WRONLY, 0600, &truncated);
+  INFO(created.ToString());
+  REQUIRE(created.ok());
+  CHECK(std::filesystem::file_size(root + "/v4/new") == 0);
   auto data = Pattern(100000, 4);
-  REQUIRE(f->WriteAt(0, data).ok());
+  Status written = f->WriteAt(0, data);
+  INFO(written.ToString());
+  REQUIRE(written.ok());
   REQUIRE(f->Sync().ok());
   CHECK(ReadFile(root + "/v4/file") == data);
   std::vector<uint8_t> back(data.size());
@@ -413,6 +423,9 @@ TEST_CASE("nfs backend: NFSv4", "[nfs]") {
   std::unique_ptr<File> again;
   REQUIRE(b->Open("v4/file", O_CREAT | O_RDWR, 0640, &again).ok());
   CHECK(b->Open("v4/file", O_CREAT | O_EXCL | O_RDWR, 0640, &again).Errno() == EEXIST);
+  CHECK(b->Open("v4/missing", O_RDONLY, 0, &again).Errno() == ENOENT);
+  CHECK(b->Open("v4", O_RDWR, 0, &again).Errno() == EISDIR);
+  REQUIRE(b->Open("v4/after", O_CREAT | O_RDWR, 0600, &again).ok());  // libnfs kept its seqid
   CHECK(NfsNames(*b, "v4") == LocalNames(root + "/v4"));
   CHECK(b->Rmdir("v4").Errno() == ENOTEMPTY);
 }
@@ -505,10 +518,12 @@ TEST_CASE("nfs backend: sequential throughput", "[.nfs-bench]") {
   auto chunk = Pattern(8 << 20, 6);
   constexpr int kChunks = 32;
   auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < kChunks; ++i) REQUIRE(f->WriteAt(static_cast<uint64_t>(i) * chunk.size(), chunk).ok());
+  for (int i = 0; i < kChunks; ++i)
+    REQUIRE(f->WriteAt(static_cast<uint64_t>(i) * chunk.size(), chunk).ok());
   REQUIRE(f->Sync().ok());
   auto t1 = std::chrono::steady_clock::now();
-  for (int i = 0; i < kChunks; ++i) REQUIRE(f->ReadAt(static_cast<uint64_t>(i) * chunk.size(), chunk).ok());
+  for (int i = 0; i < kChunks; ++i)
+    REQUIRE(f->ReadAt(static_cast<uint64_t>(i) * chunk.size(), chunk).ok());
   auto t2 = std::chrono::steady_clock::now();
   auto mbs = [](auto d) { return 256.0 / std::chrono::duration<double>(d).count(); };
   std::printf("nfs backend: 256 MiB in 8 MiB chunks: write+sync %.0f MB/s, read %.0f MB/s\n",
