@@ -148,6 +148,7 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
         OpenUnprotected(st, "restored units are served from the journal; the storage refused them");
         return Status::Ok();
       }
+      v.storage = ParsedImage{};
       VMETAFS_RETURN_IF_ERROR(st.parser->Parse(*st.file, limits, &v.storage));
       break;
     }
@@ -174,16 +175,25 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
   return Protect(st, record, std::move(v.storage.map));
 }
 
-void ProtectedImage::MaybeBecomeImage(uint64_t, std::span<const uint8_t>) {
+void ProtectedImage::MaybeBecomeImage() {
   State& st = *state_;
   std::lock_guard<std::mutex> lock(st.meta_mutex);
   if (st.mode.load() != Mode::kPlain || st.probe_attempts >= kMaxProbeAttempts) return;
   ++st.probe_attempts;
   const FormatParser* parser = DetectFormat(*st.file);
-  if (parser == nullptr) return;
+  uint64_t size = 0;
+  if (parser == nullptr || !st.file->Size(&size).ok()) {
+    st.next_probe_end.store(0);
+    return;
+  }
   ParsedImage parsed;
   Status s = parser->Parse(*st.file, st.protector->options().limits, &parsed);
-  if (!s.ok() || !parsed.valid()) return;  // still taking shape: try again at the next write
+  if (!s.ok() || !parsed.valid()) {
+    // Still taking shape: probe again once the file has grown by half, or at flush or close.
+    st.next_probe_end.store(std::max<uint64_t>(size + size / 2, size + (1u << 20)));
+    return;
+  }
+  st.next_probe_end.store(0);
   st.parser = parser;
   Journal& journal = st.protector->journal();
   ImageRecord record;

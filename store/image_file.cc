@@ -17,7 +17,7 @@ Status MemoryImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
   if (offset > bytes_.size() || out.size() > bytes_.size() - offset) {
     return PastEnd(offset, out.size(), bytes_.size());
   }
-  std::memcpy(out.data(), bytes_.data() + offset, out.size());
+  if (!out.empty()) std::memcpy(out.data(), bytes_.data() + offset, out.size());
   return Status::Ok();
 }
 

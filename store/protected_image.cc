@@ -49,7 +49,7 @@ Status StageMapChange(ProtectedImage::State& st, const MetadataMap& old_map,
   }
   VMETAFS_RETURN_IF_ERROR(
       ReadUnits(reader, added, nullptr, [&](const MetadataUnit& u, std::span<const uint8_t> b) {
-        if (b.empty()) return Status::Ok();
+        if (b.empty()) return Status::Ok();  // another extent's file
         UnitVersion v;
         v.unit = u;
         v.content.assign(b.begin(), b.end());
@@ -73,9 +73,10 @@ Status CurrentVersion(const ProtectedImage::State& st, const MetadataUnit& u, Un
   out->content.assign(u.length, '\0');
   uint64_t size = 0;
   VMETAFS_RETURN_IF_ERROR(st.file->Size(&size));
-  if (u.end() <= size) {
+  if (u.offset < size) {  // the part inside the file; the rest reads as zeros
     VMETAFS_RETURN_IF_ERROR(st.file->ReadAt(
-        u.offset, {reinterpret_cast<uint8_t*>(out->content.data()), out->content.size()}));
+        u.offset, {reinterpret_cast<uint8_t*>(out->content.data()),
+                   static_cast<size_t>(std::min<uint64_t>(u.length, size - u.offset))}));
   }
   out->hash = ContentHash(AsBytes(out->content));
   out->epoch = st.flush_epoch;
@@ -103,7 +104,11 @@ Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, con
   if (mode == Mode::kUnprotected) return write();
   if (mode == Mode::kPlain) {
     Status s = write();
-    if (s.ok() && MayMakeImage(offset, data)) MaybeBecomeImage(offset, data);
+    const uint64_t probe_at = st.next_probe_end.load(std::memory_order_relaxed);
+    if (s.ok() &&
+        (MayMakeImage(offset, data) || (probe_at != 0 && offset + data.size() >= probe_at))) {
+      MaybeBecomeImage();
+    }
     return s;
   }
   std::shared_ptr<const MetadataMap> map = st.map.load(std::memory_order_acquire);
@@ -208,7 +213,10 @@ Status ProtectedImage::Truncate(uint64_t new_size, const IoFn& truncate) {
   State& st = *state_;
   if (st.mode.load() != Mode::kProtected) {
     Status s = truncate();
-    if (s.ok() && st.mode.load() == Mode::kPlain && new_size == 0) st.probe_attempts = 0;
+    if (s.ok() && st.mode.load() == Mode::kPlain && new_size == 0) {
+      std::lock_guard<std::mutex> lock(st.meta_mutex);
+      st.probe_attempts = 0;  // a new file takes shape
+    }
     return s;
   }
   std::lock_guard<std::mutex> lock(st.meta_mutex);
@@ -248,6 +256,7 @@ Status ProtectedImage::Flush(const IoFn& fsync) {
     if (!s.ok()) VMETAFS_RETURN_IF_ERROR(Degrade(s));
   }
   VMETAFS_RETURN_IF_ERROR(fsync());
+  if (st.mode.load() == Mode::kPlain && st.next_probe_end.load() != 0) MaybeBecomeImage();
   if (st.mode.load() != Mode::kProtected) return Status::Ok();
   {
     std::lock_guard<std::mutex> lock(st.meta_mutex);
@@ -278,6 +287,7 @@ void ProtectedImage::PatchRead(uint64_t offset, std::span<uint8_t> buf) const {
 
 Status ProtectedImage::Release() {
   State& st = *state_;
+  if (st.mode.load() == Mode::kPlain && st.next_probe_end.load() != 0) MaybeBecomeImage();
   std::lock_guard<std::mutex> lock(st.meta_mutex);
   if (st.image_id == 0) return Status::Ok();
   FileIdentity identity;

@@ -38,6 +38,10 @@ struct ProtectedImage::State {
   std::atomic<uint64_t> write_gen{0};      // bumped by every journaled write
   std::atomic<bool> remap_pending{false};  // a pointer write left the map transiently invalid
   std::atomic<uint64_t> known_size{0};     // file size the map was derived at
+  // Plain mode: the file carries an image's magic but its tables are not all written yet (an
+  // image copied in sequentially). A write reaching this offset, a flush or the last close probes
+  // again; 0 when the file does not look like an image.
+  std::atomic<uint64_t> next_probe_end{0};
 
   // Units a restore could not write back, served from memory; set once, before publication.
   std::atomic<bool> serving{false};

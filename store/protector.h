@@ -123,7 +123,7 @@ class ProtectedImage {
   // Re-derives the map from the storage after the file changed shape (truncate, growth).
   Status Remap();
   // A plain file that may have become an image: probe, and baseline when valid.
-  void MaybeBecomeImage(uint64_t offset, std::span<const uint8_t> data);
+  void MaybeBecomeImage();
   // The journal failed: continue unprotected (default) or return the error to the guest.
   Status Degrade(const Status& journal_error);
   std::unique_ptr<State> state_;

@@ -81,22 +81,26 @@ Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
   std::vector<uint8_t> buf;
   size_t i = 0;
   while (i < units.size()) {
-    // A run: adjacent units of extent 0 that lie inside the file, up to kMaxReadRun bytes.
-    size_t j = i;
-    const uint64_t start = units[i].offset;
-    while (j < units.size() && units[j].extent == 0 && units[j].end() <= size &&
-           units[j].offset == (j == i ? start : units[j - 1].end()) &&
-           units[j].end() - start <= std::max<uint64_t>(kMaxReadRun, units[i].length)) {
-      ++j;
-    }
-    if (j == i) {  // past the end of the file, or in another extent's file
+    if (units[i].extent != 0) {  // another file of a multi-file image: not reachable here
       VMETAFS_RETURN_IF_ERROR(fn(units[i], {}));
       done += units[i].length;
       ++i;
       continue;
     }
-    buf.resize(units[j - 1].end() - start);
-    VMETAFS_RETURN_IF_ERROR(file.ReadAt(start, buf));
+    // A run of adjacent units, up to kMaxReadRun bytes, read at once.
+    size_t j = i + 1;
+    const uint64_t start = units[i].offset;
+    while (j < units.size() && units[j].extent == 0 && units[j].offset == units[j - 1].end() &&
+           units[j].end() - start <= kMaxReadRun) {
+      ++j;
+    }
+    // Bytes past the end of the file read as zeros, as qemu reads them: a table in a last,
+    // partly written cluster is still whole, and a unit lost to a truncation differs.
+    buf.assign(units[j - 1].end() - start, 0);
+    if (start < size) {
+      const uint64_t present = std::min<uint64_t>(buf.size(), size - start);
+      VMETAFS_RETURN_IF_ERROR(file.ReadAt(start, std::span<uint8_t>(buf).first(present)));
+    }
     for (size_t k = i; k < j; ++k) {
       VMETAFS_RETURN_IF_ERROR(fn(units[k], std::span<const uint8_t>(buf).subspan(
                                                units[k].offset - start, units[k].length)));
@@ -135,25 +139,23 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
     units.push_back(v.unit);
     return Status::Ok();
   }));
+  uint64_t size = 0;
+  VMETAFS_RETURN_IF_ERROR(file.Size(&size));
   size_t next = 0;
-  return ReadUnits(file, units, progress, [&](const MetadataUnit&, std::span<const uint8_t> bytes) {
-    UnitCheck& c = out->units[next++];
-    if (bytes.empty()) {
-      c.result = UnitCheck::Result::kMissing;
-      ++out->differing;
-      return Status::Ok();
-    }
-    c.storage_hash = ContentHash(bytes);
-    if (c.storage_hash == c.journaled.hash) {
-      c.result = UnitCheck::Result::kMatch;
-    } else if (c.journaled.Accepts(c.storage_hash, image)) {
-      c.result = UnitCheck::Result::kPendingOld;
-    } else {
-      c.result = UnitCheck::Result::kDiffers;
-      ++out->differing;
-    }
-    return Status::Ok();
-  });
+  return ReadUnits(
+      file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+        UnitCheck& c = out->units[next++];
+        c.storage_hash = bytes.empty() ? 0 : ContentHash(bytes);
+        if (!bytes.empty() && c.storage_hash == c.journaled.hash) {
+          c.result = UnitCheck::Result::kMatch;
+        } else if (!bytes.empty() && c.journaled.Accepts(c.storage_hash, image)) {
+          c.result = UnitCheck::Result::kPendingOld;
+        } else {
+          c.result = u.end() > size ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
+          ++out->differing;
+        }
+        return Status::Ok();
+      });
 }
 
 Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v) {
@@ -378,7 +380,7 @@ Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& fi
   VMETAFS_RETURN_IF_ERROR(
       ReadUnits(file, to_read, progress,
                 [&](const MetadataUnit& u, std::span<const uint8_t> bytes) -> Status {
-                  if (bytes.empty()) return Status::Ok();  // past the end: nothing to capture
+                  if (bytes.empty()) return Status::Ok();  // another extent's file
                   const uint64_t hash = ContentHash(bytes);
                   auto it = journaled.find(KeyOf(u));
                   UnitVersion previous;

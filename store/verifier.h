@@ -26,7 +26,7 @@ struct UnitCheck {
     kMatch,       // the storage holds the journal's latest content
     kPendingOld,  // the storage holds the content a pending write replaces: legitimate
     kDiffers,     // the storage holds neither
-    kMissing,     // the unit lies (partly) past the end of the file
+    kMissing,     // differs, and lies (partly) past the end of the file (truncated)
   };
   UnitVersion journaled;  // without content
   Result result = Result::kMatch;
@@ -107,7 +107,8 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
                    const std::vector<QuarantinedUnit>& quarantine = {});
 
 // Reads the listed units from `file` in large coalesced reads and calls `fn` per unit with its
-// bytes. Units past the end of the file are reported to fn with an empty span.
+// bytes. Bytes past the end of the file read as zeros. Units of another extent (a file this
+// ImageFile is not) are reported with an empty span.
 Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
                  const ProgressFn& progress,
                  const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn);
