@@ -113,6 +113,15 @@ bool ParseUnixSeconds(std::string_view text, int64_t* time_ns) {
   return true;
 }
 
+// "@S[.F]", or a bare S[.F] from 2001 on (smaller bare numbers are sequence numbers), or ISO 8601.
+bool ParseTime(std::string_view text, int64_t* time_ns) {
+  if (text.starts_with("@")) return ParseUnixSeconds(text.substr(1), time_ns);
+  if (ParseUnixSeconds(text, time_ns)) {
+    return *time_ns >= static_cast<int64_t>(kFirstUnixSecondsNumber) * kNsPerSecond;
+  }
+  return ParseIso(text, time_ns);
+}
+
 using UnitKey = std::tuple<uint16_t, uint64_t>;
 
 // Picks the version of one unit in force at `point`. Loads history only when the latest
@@ -206,9 +215,9 @@ Status CheckView(const ImageRecord& image, const ImageFile& file, const ParseLim
   // Metadata of the view whose content at the point the journal cannot give.
   for (const MetadataUnit& u : plan->view.map.units()) {
     auto it = journaled.find(UnitKey{u.extent, u.offset});
-    const bool known =
-        it != journaled.end() && (it->second->choice == VersionChoice::Choice::kCurrent ||
-                                  it->second->choice == VersionChoice::Choice::kWrite);
+    const bool known = it != journaled.end() && it->second->chosen.unit.length == u.length &&
+                       (it->second->choice == VersionChoice::Choice::kCurrent ||
+                        it->second->choice == VersionChoice::Choice::kWrite);
     if (known) continue;
     if (plan->unknown_referenced++ < 3) {
       plan->problems.push_back(fmt::format(
@@ -248,10 +257,7 @@ Status ParsePointInTime(std::string_view text, PointInTime* out) {
     return Status::Ok();
   }
   out->kind = PointInTime::Kind::kTime;
-  std::string_view seconds = text.starts_with("@") ? text.substr(1) : text;
-  if (ParseUnixSeconds(seconds, &out->time_ns) || ParseIso(text, &out->time_ns)) {
-    return Status::Ok();
-  }
+  if (ParseTime(text, &out->time_ns)) return Status::Ok();
   return Status::InvalidArgument(fmt::format(
       "'{}' is neither a sequence number (N or seq:N), unix seconds (@S) nor an ISO 8601 time "
       "(YYYY-MM-DDTHH:MM:SS[Z|+HH:MM])",

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (GiB, KiB, MiB, PATTERNS, binary, copy_file, create_image, expected_content,
                       meta_restore, out, poke, qemu_img_check, qemu_img_compare, random_bytes,
-                      read_at, run, verify_patterns, write_patterns, zero)
+                      read_at, run, sanitizer_report, verify_patterns, write_patterns, zero)
 from qcow2_layout import Qcow2Layout
 
 ACTIONS = {"baseline", "verified", "restored", "adopted", "refused"}
@@ -35,9 +35,11 @@ LATER_PATTERNS = [
 
 
 def text(res):
-    """The result with stdout and stderr decoded."""
+    """The result with stdout and stderr decoded; a sanitizer report fails the test."""
     res.stdout = res.stdout.decode(errors="replace")
     res.stderr = res.stderr.decode(errors="replace")
+    marker = sanitizer_report(res.stderr)
+    assert marker is None, f"sanitizer report ({marker}) from {res.args}:\n{res.stderr}"
     return res
 
 
