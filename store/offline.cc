@@ -101,6 +101,7 @@ Status CarryOutDecision(Journal& journal, ImageFile& file, const ParseLimits& li
             EIO);
       }
       outcome->written_units = plan.restore.size();
+      v.storage = ParsedImage{};
       VMETAFS_RETURN_IF_ERROR(v.parser->Parse(file, limits, &v.storage));
       break;
     }
