@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 
@@ -519,6 +520,16 @@ void VhdxImage::CheckBlocks(std::vector<std::string>* problems) const {
   }
   for (const MetadataUnit& u : units_.units()) {
     if (u.kind != UnitKind::kSectorBitmap) ranges.push_back({u.offset, u.end(), -1});
+  }
+  // Blocks are allocated at the end of the file, so a whole block past everything referenced is
+  // payload the BAT lost (a zeroed BAT is well-formed: every block "not present").
+  uint64_t claimed_end = 0;
+  for (const ClaimedRange& r : ranges) claimed_end = std::max(claimed_end, r.end);
+  if (block_size_ != 0 && size_ >= claimed_end + block_size_) {
+    problems->push_back(fmt::format(
+        "VHDX file holds {} bytes past offset {} that no BAT entry or region references (lost "
+        "BAT entries?)",
+        size_ - claimed_end, claimed_end));
   }
   ReportOverlaps(
       std::move(ranges), kMaxEntryProblems,

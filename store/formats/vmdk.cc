@@ -439,6 +439,18 @@ Status VmdkImage::CheckGrains(std::vector<std::string>* problems) const {
                                              rbad)
                                : std::string("both copies are internally consistent")));
   }
+  // Grains are appended to the file: bytes past all metadata that no grain table references mean
+  // lost tables (zeroed directories are well-formed: every grain "not allocated").
+  if (grains.empty()) {
+    uint64_t claimed_end = header_.overhead * kSector;
+    for (const MetadataUnit& u : units_.units()) claimed_end = std::max(claimed_end, u.end());
+    if (size_ >= claimed_end + header_.grain * kSector && header_.grain != 0) {
+      problems->push_back(fmt::format(
+          "VMDK file holds {} bytes past offset {} but no grain table references a grain (lost "
+          "grain directory or tables?)",
+          size_ - claimed_end, claimed_end));
+    }
+  }
   ReportOverlaps(
       std::move(grains), kMaxEntryProblems,
       [this](const ClaimedRange& a, const ClaimedRange& b) {
