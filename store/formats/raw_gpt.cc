@@ -293,7 +293,14 @@ void RawImage::ReportCopies() {
       CheckPartitions(*h);
     }
   }
-  if (backup_.lba != last_lba_) {
+  if (backup_.lba < last_lba_ && backup_.valid() && primary_.valid() &&
+      primary_.alternate_lba == backup_.lba) {
+    // What growing a disk leaves (qemu-img resize, truncate): both copies agree on where the
+    // backup is, and the guest's tools move it to the new end when they next write the GPT.
+    out_->notes.push_back(fmt::format(
+        "backup GPT header at LBA {} is not at the last LBA {} of the file (the file grew)",
+        backup_.lba, last_lba_));
+  } else if (backup_.lba != last_lba_) {
     Problem(fmt::format(
         "backup GPT header at offset {} (LBA {}) is not at the last LBA {} of the file; was the "
         "file resized?",
