@@ -5,6 +5,7 @@
 // (Errno()), which the FUSE layer replies with unchanged: the mount behaves like the backing.
 #pragma once
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/types.h>
