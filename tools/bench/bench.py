@@ -418,7 +418,8 @@ def profile(mounts, cfg, build):
     time.sleep(0.5)
     wl.alloc(m)
     st.send_signal(2)
-    out["strace"] = st.communicate()[1].splitlines()[:25]
+    out["strace"] = [l for l in st.communicate()[1].splitlines()
+                     if not l.startswith("strace:")][:20]
     return out
 
 

@@ -23,6 +23,7 @@ cleanup() {
       fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   fi
+  return 0
 }
 trap cleanup EXIT INT TERM
 
