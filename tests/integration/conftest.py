@@ -4,11 +4,14 @@ Binaries come from $VMETAFS_BUILD/bin (default: build/ under the repository root
 VMETAFS_BUILD is taken relative to the repository root). A missing binary fails every test that
 needs it with a message naming the path: nothing is skipped.
 
-Backings: the `backing` fixture is parametrized by kind. Only "dir" exists here; another kind
-plugs in by adding a context-manager factory to BACKING_FACTORIES (it receives a fresh scratch
-directory and yields a Backing whose .spec is what vmetafs is given, e.g. nfs://127.0.0.1/EXPORT,
-and whose .path is the directory behind it where tests poke damage) and naming it in
-VMETAFS_BACKINGS (comma-separated, default "dir").
+Backings: the `backing` fixture is parametrized by kind. A kind plugs in by adding a
+context-manager factory to BACKING_FACTORIES (it receives a fresh scratch directory and yields a
+Backing whose .spec is what vmetafs is given, e.g. nfs://127.0.0.1/EXPORT, and whose .path is the
+directory behind it where tests poke damage) and naming it in VMETAFS_BACKINGS (comma-separated,
+default "dir"). Kinds: "dir" (a local directory) and "nfs" (a directory below the export of one
+nfs-ganesha server per session, started on first use on a free port and stopped at the end of the
+session; see NfsServer). A module can also override the `backing_kind` fixture to run its tests
+over one kind only (test_nfs.py does, to run a chosen subset over NFS in every run).
 
 Every daemon a test starts is stopped in the test's teardown even when the test failed (lazy
 unmount, then kill); its stderr is attached to the report of a failing test; a session-level check
@@ -21,7 +24,9 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,9 +318,139 @@ def dir_backing(scratch: Path) -> Iterator[Backing]:
     yield Backing("dir", str(root), root)
 
 
+# ---- NFS: nfs-ganesha on 127.0.0.1, through mount-scripts/nfs-server-start and -stop ----
+
+NFS_SCRIPTS = REPO_ROOT / "mount-scripts"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 (NFS and MOUNT) both free on 127.0.0.1 and no server state."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(20000, 60000, 2)
+        if (_port_free(port) and _port_free(port + 1)
+                and not Path(f"/run/vmetafs-nfs/{port}").exists()):
+            return port
+    pytest.fail("no free pair of TCP ports for an NFS server", pytrace=False)
+
+
+class NfsServer:
+    """nfs-ganesha exporting `export` on 127.0.0.1:port (MOUNT on port+1).
+
+    The state directory is the scripts' default (/run/vmetafs-nfs/PORT), so that the servers of
+    concurrent runs see one another and the last one stops the rpcbind the first one started.
+    stop() is safe to call at any time (also when the server was killed or never started).
+    """
+
+    def __init__(self, export: Path, port: Optional[int] = None):
+        self.export = Path(os.path.realpath(export))
+        self.port = port or free_port_pair()
+        self.state = Path(f"/run/vmetafs-nfs/{self.port}")
+
+    def start(self) -> "NfsServer":
+        res = run([NFS_SCRIPTS / "nfs-server-start", self.export, self.port], check=False,
+                  timeout=120)
+        if res.returncode != 0:
+            self.stop()
+            pytest.fail(f"nfs-server-start {self.export} {self.port} failed "
+                        f"(exit {res.returncode}):\n{out(res)}", pytrace=False)
+        return self
+
+    def stop(self) -> None:
+        res = run([NFS_SCRIPTS / "nfs-server-stop", self.export, self.port], check=False,
+                  timeout=120)
+        assert res.returncode == 0, f"nfs-server-stop failed:\n{out(res)}"
+
+    def pid(self) -> Optional[int]:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.state / "ganesha.pid").read_text())
+            os.kill(pid, 0)
+            return pid
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash: no state is cleaned up; start() again serves the same export."""
+        pid = self.pid()
+        assert pid is not None, f"no nfs-ganesha running for port {self.port}"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.state / "ganesha.log").read_text(errors="replace")[-20000:]
+        return ""
+
+    def spec(self, directory: Optional[Path] = None, **args) -> str:
+        """The nfs:// spec of `directory` (the export or a directory below it) over NFSv3."""
+        path = self.export if directory is None else Path(os.path.realpath(directory))
+        assert path == self.export or self.export in path.parents, f"{path} not under the export"
+        query = {"nfsport": self.port, "mountport": self.port + 1, "version": 3, **args}
+        return f"nfs://127.0.0.1{path}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["NfsServer"]:
+        try:
+            yield self.start()
+        finally:
+            self.stop()
+
+
+_session_nfs: Dict[str, object] = {}  # "base": session temp dir, "server": the shared server
+
+
+def session_nfs_server() -> NfsServer:
+    """The session's shared server, started on first use (stopped by nfs_session_teardown)."""
+    if "server" not in _session_nfs:
+        base = _session_nfs.get("base")
+        assert base is not None, "the nfs backing needs the nfs_session_teardown fixture"
+        export = Path(base) / "nfs-export"
+        export.mkdir(exist_ok=True)
+        server = NfsServer(export)
+        _session_nfs["server"] = server
+        server.start()
+    return _session_nfs["server"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nfs: runs over an nfs:// backing (nfs-ganesha on 127.0.0.1)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nfs_session_teardown(tmp_path_factory):
+    _session_nfs["base"] = tmp_path_factory.getbasetemp()
+    try:
+        yield
+    finally:
+        server = _session_nfs.pop("server", None)
+        if server is not None:
+            server.stop()
+
+
+@contextlib.contextmanager
+def nfs_backing(scratch: Path) -> Iterator[Backing]:
+    server = session_nfs_server()
+    # A fresh directory below the shared export: the backing root of this test only.
+    root = Path(tempfile.mkdtemp(prefix=f"{scratch.parent.name[:40]}-", dir=server.export))
+    root.chmod(0o755)
+    yield Backing("nfs", server.spec(root), root)
+
+
 # kind -> factory(scratch directory) yielding a Backing and tearing down what it started.
 BACKING_FACTORIES: Dict[str, Callable[[Path], contextlib.AbstractContextManager]] = {
     "dir": dir_backing,
+    "nfs": nfs_backing,
 }
 BACKING_KINDS = [k for k in os.environ.get("VMETAFS_BACKINGS", "dir").split(",") if k]
 
