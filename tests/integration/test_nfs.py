@@ -15,6 +15,7 @@ Then faults of the server seen through the mount, each with its own server:
 """
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -217,33 +218,53 @@ def immutable(path: Path):
         path.chmod(0o644)
 
 
-def test_read_only_image_on_server_is_served_from_the_journal(own_server, make_mount, tmp_path):
-    mount = make_mount(own_backing(own_server))
+def serve_damaged_read_only_image(server: NfsServer, make_mount, tmp_path) -> str:
+    """Makes and journals an image through the mount, zeroes its L1 table on the export, makes
+    the file unwritable on the server, and opens it through a new mount read-only: the guest
+    must see the content from before the damage. Returns the daemon's log."""
+    mount = make_mount(own_backing(server))
     with mount.running():
         img = mount / "vm.qcow2"
         create_image(img)
         write_patterns(img)
-    raw = own_server.export / "vm.qcow2"
+    raw = server.export / "vm.qcow2"
     reference = tmp_path / "reference.qcow2"
     copy_file(raw, reference)
-    layout = Qcow2Layout.read(reference)
-    zero(raw, *layout.l1_table_range)
+    zero(raw, *Qcow2Layout.read(reference).l1_table_range)
     damaged = raw.read_bytes()
     with immutable(raw):
         with pytest.raises(PermissionError):
             open(raw, "r+b").close()
         mount.start()
         qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", reference, mount / "vm.qcow2")
-        run(["qemu-io", "-r", "-f", "qcow2",
-             *[a for o, n, p in expected_content(PATTERNS) for a in ("-c", f"read -P {p:#x} {o} {n}")],
-             mount / "vm.qcow2"])
+        reads = [a for o, n, p in expected_content(PATTERNS)
+                 for a in ("-c", f"read -P {p:#x} {o} {n}")]
+        run(["qemu-io", "-r", "-f", "qcow2", *reads, mount / "vm.qcow2"])
         log = mount.log()
         assert mount.running_now, log
-        lines = [l for l in log.splitlines() if "vm.qcow2" in l]
-        assert any("journal" in l and ("serv" in l) for l in lines), \
-            f"the log does not say the units are served from the journal:\n{log}"
-        assert any(("EPERM" in l or "EACCES" in l or "ermission" in l or "not permitted" in l
-                    or "ead-only" in l) for l in lines), \
-            f"the log does not say why the file cannot be repaired:\n{log}"
         mount.stop()
         assert raw.read_bytes() == damaged  # nothing could be written back
+    return log
+
+
+def test_read_only_image_on_server_is_served_from_the_journal(own_server, make_mount, tmp_path):
+    log = serve_damaged_read_only_image(own_server, make_mount, tmp_path)
+    lines = [l for l in log.splitlines() if "vm.qcow2" in l]
+    assert any("restored" in l for l in lines), log
+    assert any("served from the journal" in l for l in lines), \
+        f"the log does not say the units are served from the journal:\n{log}"
+
+
+@pytest.mark.xfail(strict=True, reason="a write the NFS server refuses with NFS3ERR_PERM is "
+                   "logged as 'Bad address' (EFAULT) inside an 'I/O error', and handled as a lost "
+                   "server ('reconnecting until the server answers' / 'server answers again')")
+def test_read_only_image_on_server_permission_error_is_named(own_server, make_mount, tmp_path):
+    log = serve_damaged_read_only_image(own_server, make_mount, tmp_path)
+    refused = [l for l in log.splitlines() if "vm.qcow2" in l and "could not be written" in l]
+    assert refused, f"the log does not say the restore could not be written back:\n{log}"
+    permission = (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
+    for line in refused:
+        assert any(p in line for p in permission), f"no permission error named: {line}"
+        assert os.strerror(errno.EFAULT) not in line, f"wrong error named: {line}"
+    assert "reconnecting" not in log and "server answers again" not in log, \
+        f"a refusal by a running server is handled as a lost connection:\n{log}"
