@@ -424,7 +424,8 @@ def session_nfs_server() -> NfsServer:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "nfs: runs over an nfs:// backing (nfs-ganesha on 127.0.0.1)")
+    config.addinivalue_line("markers",
+                            "nfs: runs over an nfs:// backing (nfs-ganesha on 127.0.0.1)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,8 +29,8 @@ import test_damage
 import test_lifecycle
 import test_meta_restore
 from conftest import (KiB, MiB, PATTERNS, Backing, NfsServer, copy_file, create_image,
-                      expected_content, mount_count, out, qemu_img, qemu_img_check, qemu_img_compare, qemu_io,
-                      read_at, run, verify_patterns, write_patterns, zero)
+                      expected_content, mount_count, out, qemu_img, qemu_img_check, read_at, run,
+                      verify_patterns, write_patterns, zero)
 from qcow2_layout import Qcow2Layout
 
 pytestmark = pytest.mark.nfs
@@ -71,15 +71,18 @@ def test_meta_restore_over_nfs(backing, mount, tmp_path):
 
 @pytest.fixture
 def own_server(tmp_path, request):
-    """A server of this test only, over a fresh export; stopped at the end even on failure."""
+    """A server of this test only, over a fresh export; stopped at the end even on failure
+    (after a failure its log is kept beside the test's files)."""
     export = tmp_path / "own-export"
     export.mkdir()
     export.chmod(0o755)
     server = NfsServer(export)
-    request.node.nfs_server = server
     try:
         yield server.start()
     finally:
+        call = getattr(request.node, "rep_call", None)
+        if call is not None and call.failed:
+            (tmp_path / "ganesha.log").write_text(server.log())
         server.stop()
 
 
