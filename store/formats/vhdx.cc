@@ -203,6 +203,7 @@ class VhdxImage {
   uint32_t block_size_ = 0, logical_sector_ = 0;
   uint64_t virtual_size_ = 0;
   bool has_parent_ = false;
+  bool leave_blocks_allocated_ = false;
   uint64_t chunk_ratio_ = 0;
   std::vector<uint64_t> bat_;
 };
@@ -382,6 +383,7 @@ bool VhdxImage::DecodeMetadataTable(const std::vector<uint8_t>& region) {
     const uint8_t* item = p + off;
     if (guid == kFileParameters && len >= 8) {
       block_size_ = LoadLe32(item);
+      leave_blocks_allocated_ = (LoadLe32(item + 4) & 1) != 0;  // a fixed disk
       has_parent_ = (LoadLe32(item + 4) & 2) != 0;
       have_params = true;
     } else if (guid == kVirtualDiskSize && len >= 8) {
@@ -525,7 +527,8 @@ void VhdxImage::CheckBlocks(std::vector<std::string>* problems) const {
   // payload the BAT lost (a zeroed BAT is well-formed: every block "not present").
   uint64_t claimed_end = 0;
   for (const ClaimedRange& r : ranges) claimed_end = std::max(claimed_end, r.end);
-  if (block_size_ != 0 && size_ >= claimed_end + block_size_) {
+  // A fixed disk's payload is preallocated whatever its BAT says.
+  if (!leave_blocks_allocated_ && block_size_ != 0 && size_ >= claimed_end + block_size_) {
     problems->push_back(fmt::format(
         "VHDX file holds {} bytes past offset {} that no BAT entry or region references (lost "
         "BAT entries?)",
