@@ -17,6 +17,8 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <cstdarg>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -57,6 +59,30 @@ class NullLogger : public rocksdb::Logger {
   void Logv(const char*, va_list) override {}
 };
 
+// RocksDB's info log goes to the daemon's log instead of a LOG file in the store: on a full local
+// disk RocksDB 7.8 asserts on the next info-log line after one it failed to write (its file
+// writer then holds a previous error), taking the daemon, and its VMs' I/O, down with it.
+class DaemonLogger : public rocksdb::Logger {
+ public:
+  DaemonLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::INFO_LEVEL) {}
+  void Logv(const char* format, va_list ap) override {
+    Logv(rocksdb::InfoLogLevel::INFO_LEVEL, format, ap);
+  }
+  void Logv(const rocksdb::InfoLogLevel level, const char* format, va_list ap) override {
+    if (level < GetInfoLogLevel()) return;
+    char line[1024];
+    const int n = vsnprintf(line, sizeof line, format, ap);
+    for (size_t end = std::min<size_t>(n < 0 ? 0 : n, sizeof line - 1); end > 0; --end) {
+      if (line[end - 1] != '\n') break;
+      line[end - 1] = '\0';
+    }
+    spdlog::log(level >= rocksdb::InfoLogLevel::ERROR_LEVEL  ? spdlog::level::err
+                : level == rocksdb::InfoLogLevel::WARN_LEVEL ? spdlog::level::warn
+                                                             : spdlog::level::debug,
+                "rocksdb: {}", line);
+  }
+};
+
 rocksdb::CompressionType Lz4IfAvailable() {
   auto supported = rocksdb::GetSupportedCompressions();
   bool lz4 =
@@ -76,9 +102,11 @@ rocksdb::DBOptions DbOptions(bool read_only) {
   // bound makes RocksDB flush the quiet families (events, paths) instead of keeping old WALs.
   o.max_total_wal_size = 64 * kMiB;
   o.db_write_buffer_size = 64 * kMiB;
-  o.keep_log_file_num = 4;
-  o.max_log_file_size = 4 * kMiB;
-  if (read_only) o.info_log = std::make_shared<NullLogger>();
+  if (read_only) {
+    o.info_log = std::make_shared<NullLogger>();
+  } else {
+    o.info_log = std::make_shared<DaemonLogger>();
+  }
   return o;
 }
 
