@@ -300,12 +300,36 @@ Status RocksStore::OpenDb(bool read_only) {
 // a running sync usually find their writes covered when it finishes.
 Status RocksStore::SyncWal() {
   if (read_only_) return Status::Ok();
+  VMETAFS_RETURN_IF_ERROR(ResumeIfFailed());
   const uint64_t target = db_->GetLatestSequenceNumber();
   std::lock_guard<std::mutex> lock(sync_mu_);
   if (synced_upto_ >= target) return Status::Ok();
   const uint64_t upto = db_->GetLatestSequenceNumber();
-  VMETAFS_RETURN_IF_ERROR(FromRocks(db_->SyncWAL(), "syncing the journal"));
+  Status s = FromRocks(db_->SyncWAL(), "syncing the journal");
+  NoteFailure(s);
+  VMETAFS_RETURN_IF_ERROR(s);
   synced_upto_ = upto;
+  return Status::Ok();
+}
+
+void RocksStore::NoteFailure(const Status& s) {
+  if (s.code() != Status::Code::kIoError) return;
+  std::lock_guard<std::mutex> lock(failure_mu_);
+  if (!failed_.load()) failure_ = s;
+  failed_.store(true);
+}
+
+Status RocksStore::ResumeIfFailed() {
+  if (!failed_.load()) return Status::Ok();
+  std::lock_guard<std::mutex> lock(failure_mu_);
+  if (!failed_.load()) return Status::Ok();
+  if (Status resumed = FromRocks(db_->Resume(), "resuming"); !resumed.ok()) {
+    return Status::IoError(
+        fmt::format("the journal is still failing ({}; {})", failure_.message(), resumed.message()),
+        failure_.Errno());
+  }
+  failed_.store(false);
+  spdlog::info("journal: store {} accepts writes again", dir_);
   return Status::Ok();
 }
 
@@ -406,9 +430,12 @@ Status RocksStore::ScanPaired(Cf first, Cf second, std::string_view prefix,
 
 Status RocksStore::Commit(WriteSet* ws, bool sync, std::string_view context) {
   VMETAFS_RETURN_IF_ERROR(FromRocks(ws->status(), context));
+  VMETAFS_RETURN_IF_ERROR(ResumeIfFailed());
   rocksdb::WriteOptions wo;
   wo.sync = sync;
-  return FromRocks(db_->Write(wo, ws->batch()), context);
+  Status s = FromRocks(db_->Write(wo, ws->batch()), context);
+  NoteFailure(s);
+  return s;
 }
 
 uint64_t RocksStore::DiskBytes() const {

@@ -9,6 +9,7 @@
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -131,6 +132,16 @@ class RocksStore {
 
   std::mutex sync_mu_;
   uint64_t synced_upto_ = 0;  // RocksDB sequence number known durable; guarded by sync_mu_
+
+  // After a failed write or sync (a full or failing local disk) RocksDB refuses writes until
+  // Resume() succeeds, and its log writer holds the error: nothing touches the log meanwhile, and
+  // callers see the original error (errno kept). Set by NoteFailure, cleared by ResumeIfFailed
+  // once RocksDB recovered (space was freed).
+  void NoteFailure(const Status& s);
+  Status ResumeIfFailed();
+  std::mutex failure_mu_;
+  std::atomic<bool> failed_{false};
+  Status failure_;  // the failure that set failed_, errno kept; guarded by failure_mu_
 
   std::thread periodic_;
   std::mutex periodic_mu_;
