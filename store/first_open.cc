@@ -78,6 +78,12 @@ Status ProtectedImage::FirstOpen(OpenDecision* decision) {
   Journal& journal = st.protector->journal();
   const ParseLimits& limits = st.protector->options().limits;
   if (decision) *decision = OpenDecision{};
+  if (Status health = journal.CheckStore(); !health.ok()) {
+    if (DetectFormat(*st.file) != nullptr) {
+      OpenUnprotected(st, "the store cannot be written: " + health.ToString());
+    }
+    return Status::Ok();
+  }
 
   ImageRecord record;
   Status found = journal.FindImage(st.path, &record);

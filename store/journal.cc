@@ -588,6 +588,12 @@ Status Journal::ImageUsage(uint64_t image_id, Usage* out) const {
 
 uint64_t Journal::DiskBytes() const { return impl_->store.DiskBytes(); }
 
+Status Journal::CheckStore() const {
+  std::shared_lock<std::shared_mutex> alive(impl_->life);
+  VMETAFS_RETURN_IF_ERROR(impl_->CheckOpen());
+  return impl_->store.Check();
+}
+
 // ---- JournalBatch and free functions ---------------------------------------------------------
 
 void JournalBatch::PutUnit(uint64_t image_id, UnitVersion version, const UnitVersion* previous) {

@@ -189,6 +189,10 @@ class Journal {
   Status ImageUsage(uint64_t image_id, Usage* out) const;
   // Bytes the store occupies on disk (SST, blob and WAL files).
   uint64_t DiskBytes() const;
+  // Cheap (two stat calls): IoError when the store's directory was removed or replaced while this
+  // journal had it open, so that its writes land in deleted files; or the error of an earlier
+  // failed write (a full local disk) while RocksDB cannot resume.
+  Status CheckStore() const;
 
  private:
   struct Impl;

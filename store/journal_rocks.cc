@@ -438,6 +438,20 @@ Status RocksStore::Commit(WriteSet* ws, bool sync, std::string_view context) {
   return s;
 }
 
+Status RocksStore::Check() {
+  if (lock_fd_ < 0) return Status::Ok();  // read-only opens hold nothing and write nothing
+  struct stat held, now;
+  if (fstat(lock_fd_, &held) != 0) return PosixError("store " + dir_, errno);
+  const std::string lock = dir_ + "/" + kLockFileName;
+  if (held.st_nlink > 0 && stat(lock.c_str(), &now) == 0 && now.st_ino == held.st_ino &&
+      now.st_dev == held.st_dev) {
+    return ResumeIfFailed();
+  }
+  return Status::IoError(
+      "store " + dir_ + " was removed or replaced while in use; the journal writes nowhere",
+      ENOENT);
+}
+
 uint64_t RocksStore::DiskBytes() const {
   uint64_t total = 0;
   std::error_code ec;

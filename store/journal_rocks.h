@@ -117,6 +117,10 @@ class RocksStore {
   Status Commit(WriteSet* ws, bool sync, std::string_view context);
   // Bytes of the SST, blob and WAL files in the store's directory.
   uint64_t DiskBytes() const;
+  // IoError (ENOENT) when the directory no longer holds the lock file this open took (the store
+  // was removed or replaced under it): RocksDB then writes to deleted files. Two stat calls.
+  // After a write failure, tries to resume RocksDB and returns the error while it fails.
+  Status Check();
 
  private:
   Status PrepareDir(bool read_only);
