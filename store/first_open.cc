@@ -114,6 +114,11 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
   const ParseLimits& limits = st.protector->options().limits;
   if (decision) decision->is_image = true;
 
+  // The journal failed while the image was open in this mount, perhaps too early to record it.
+  if (std::string why; st.protector->TakeDegraded(record.id, &why)) {
+    record.protection = Protection::kUnprotected;
+    if (record.unprotected_reason.empty()) record.unprotected_reason = why;
+  }
   Verification v;
   VMETAFS_RETURN_IF_ERROR(Verify(journal, record, *st.file, limits, nullptr, &v));
   st.parser = v.parser;

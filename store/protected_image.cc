@@ -101,7 +101,14 @@ bool ProtectedImage::is_protected() const { return state_->mode.load() == Mode::
 Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write) {
   State& st = *state_;
   const Mode mode = st.mode.load(std::memory_order_acquire);
-  if (mode == Mode::kUnprotected) return write();
+  if (mode == Mode::kUnprotected) {
+    // A map is left only where the journal failed under the image: count what it misses.
+    std::shared_ptr<const MetadataMap> map = st.map.load(std::memory_order_acquire);
+    if (map && !map->Touching(0, offset, data.size()).empty()) {
+      st.protector->unprotected_writes_.fetch_add(1);
+    }
+    return write();
+  }
   if (mode == Mode::kPlain) {
     Status s = write();
     const uint64_t probe_at = st.next_probe_end.load(std::memory_order_relaxed);
@@ -315,6 +322,10 @@ Status ProtectedImage::Degrade(const Status& journal_error) {
         "{}: journal write failed, failing the guest's write (unprotected_writes=fail): {}",
         st.path, journal_error.ToString());
     return journal_error;
+  }
+  {
+    std::lock_guard<std::mutex> lock(st.protector->records_mutex_);
+    st.protector->degraded_.emplace(st.image_id, journal_error.ToString());
   }
   if (st.mode.exchange(Mode::kUnprotected) != Mode::kUnprotected) {
     spdlog::error(

@@ -72,6 +72,15 @@ void Protector::Unlinked(const std::string& path) {
   }
 }
 
+bool Protector::TakeDegraded(uint64_t id, std::string* why) {
+  std::lock_guard<std::mutex> lock(records_mutex_);
+  auto it = degraded_.find(id);
+  if (it == degraded_.end()) return false;
+  *why = std::move(it->second);
+  degraded_.erase(it);
+  return true;
+}
+
 Status Protector::Close() {
   if (closed_.exchange(true)) return Status::Ok();
   const uint64_t lost = unprotected_writes_.load();

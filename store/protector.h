@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -77,7 +78,12 @@ class Protector {
 
   ProtectorOptions options_;
   std::unique_ptr<Journal> journal_;
-  std::mutex records_mutex_;  // guards read-modify-write of image records
+  // Images whose journal failed during this mount, with why: the journal may have been failing
+  // too long to record it, and their next first open must re-baseline. True if `id` was there.
+  bool TakeDegraded(uint64_t id, std::string* why);
+
+  std::mutex records_mutex_;  // guards read-modify-write of image records, and degraded_
+  std::map<uint64_t, std::string> degraded_;
   std::atomic<bool> closed_{false};
   std::atomic<uint64_t> unprotected_writes_{0};
 };
