@@ -5,6 +5,7 @@
 #   3. the unit tests (ctest) of both builds
 #   4. the integration tests (real FUSE mounts, pytest) against the ASan build, then against the
 #      release build
+#   5. the libFuzzer targets of the format parsers, FUZZ_SECONDS (default 30) each
 # Every step runs even when an earlier one failed (except what needs a failed build); the exit
 # status is non-zero if anything failed. The last lines repeat pytest's summary lines.
 #
@@ -140,6 +141,9 @@ if [ "$release_built" = yes ]; then
 else
   skip "integration tests (release)" "build failed"
 fi
+
+# The parsers under libFuzzer (clang, ASan+UBSan), seeded with qemu-made images, bounded in time.
+step "fuzz the format parsers (${FUZZ_SECONDS:-30} s per target)" tools/run-fuzz.sh "${FUZZ_SECONDS:-30}"
 
 echo
 echo "===== results"
