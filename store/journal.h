@@ -42,7 +42,7 @@ enum class SyncMode : uint8_t { kFlush, kWrite, kPeriodic };
 
 struct JournalOptions {
   SyncMode sync = SyncMode::kFlush;
-  uint32_t periodic_ms = 1000;  // kPeriodic only
+  uint32_t periodic_ms = 1000;    // kPeriodic only
   uint32_t history_versions = 8;  // older versions kept per unit (0 keeps none)
   // Open without writing anything, beside a live daemon if one holds the store.
   bool read_only = false;
@@ -54,18 +54,18 @@ struct JournalOptions {
 enum class Protection : uint8_t { kProtected = 0, kUnprotected = 1 };
 
 struct ImageRecord {
-  uint64_t id = 0;           // assigned by the journal, never reused
-  std::string path;          // relative to the backing root, e.g. "vms/web.qcow2"
-  std::string format;        // parser name
+  uint64_t id = 0;     // assigned by the journal, never reused
+  std::string path;    // relative to the backing root, e.g. "vms/web.qcow2"
+  std::string format;  // parser name
   uint64_t virtual_size = 0;
-  FileIdentity identity;     // what the storage said when vmetafs last closed the image
-  bool in_use = false;       // opened for writing by a daemon and not closed cleanly since
+  FileIdentity identity;  // what the storage said when vmetafs last closed the image
+  bool in_use = false;    // opened for writing by a daemon and not closed cleanly since
   Protection protection = Protection::kProtected;
   std::string unprotected_reason;
-  uint64_t flush_epoch = 0;  // completed guest flushes of this image (see "pending" above)
-  uint64_t last_seq = 0;     // sequence number of the newest unit write
-  int64_t last_check_ns = 0; // time of the last first-open decision
-  std::string last_check;    // its action: "verified", "restored", ...
+  uint64_t flush_epoch = 0;   // completed guest flushes of this image (see "pending" above)
+  uint64_t last_seq = 0;      // sequence number of the newest unit write
+  int64_t last_check_ns = 0;  // time of the last first-open decision
+  std::string last_check;     // its action: "verified", "restored", ...
 };
 
 // One journaled version of one unit.
@@ -76,8 +76,8 @@ struct UnitVersion {
   uint64_t hash = 0;       // XXH3-64 of content
   uint64_t prev_hash = 0;  // hash of the content it replaced; meaningful when has_prev
   bool has_prev = false;
-  int64_t time_ns = 0;     // wall clock of the write
-  std::string content;     // empty when loaded without content
+  int64_t time_ns = 0;  // wall clock of the write
+  std::string content;  // empty when loaded without content
 
   // True while the storage may legitimately still hold the previous content.
   bool Pending(const ImageRecord& image) const { return has_prev && epoch == image.flush_epoch; }

@@ -1,38 +1,62 @@
 #include "store/metadata_map.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <tuple>
-
-#include <fmt/format.h>
 
 namespace vmetafs::store {
 
 std::string_view UnitKindName(UnitKind kind) {
   switch (kind) {
-    case UnitKind::kHeader: return "header";
-    case UnitKind::kL1Table: return "L1 table";
-    case UnitKind::kL2Table: return "L2 table";
-    case UnitKind::kRefcountTable: return "refcount table";
-    case UnitKind::kRefcountBlock: return "refcount block";
-    case UnitKind::kSnapshotTable: return "snapshot table";
-    case UnitKind::kSnapshotL1: return "snapshot L1 table";
-    case UnitKind::kBitmapDirectory: return "bitmap directory";
-    case UnitKind::kBitmapTable: return "bitmap table";
-    case UnitKind::kFooter: return "footer";
-    case UnitKind::kBat: return "BAT";
-    case UnitKind::kSectorBitmap: return "sector bitmap";
-    case UnitKind::kParentLocator: return "parent locator";
-    case UnitKind::kFileIdentifier: return "file identifier";
-    case UnitKind::kRegionTable: return "region table";
-    case UnitKind::kLog: return "log";
-    case UnitKind::kMetadataRegion: return "metadata region";
-    case UnitKind::kDescriptor: return "descriptor";
-    case UnitKind::kGrainDirectory: return "grain directory";
-    case UnitKind::kGrainTable: return "grain table";
-    case UnitKind::kMarker: return "marker";
-    case UnitKind::kMbr: return "MBR";
-    case UnitKind::kGptHeader: return "GPT header";
-    case UnitKind::kGptEntries: return "GPT entries";
+    case UnitKind::kHeader:
+      return "header";
+    case UnitKind::kL1Table:
+      return "L1 table";
+    case UnitKind::kL2Table:
+      return "L2 table";
+    case UnitKind::kRefcountTable:
+      return "refcount table";
+    case UnitKind::kRefcountBlock:
+      return "refcount block";
+    case UnitKind::kSnapshotTable:
+      return "snapshot table";
+    case UnitKind::kSnapshotL1:
+      return "snapshot L1 table";
+    case UnitKind::kBitmapDirectory:
+      return "bitmap directory";
+    case UnitKind::kBitmapTable:
+      return "bitmap table";
+    case UnitKind::kFooter:
+      return "footer";
+    case UnitKind::kBat:
+      return "BAT";
+    case UnitKind::kSectorBitmap:
+      return "sector bitmap";
+    case UnitKind::kParentLocator:
+      return "parent locator";
+    case UnitKind::kFileIdentifier:
+      return "file identifier";
+    case UnitKind::kRegionTable:
+      return "region table";
+    case UnitKind::kLog:
+      return "log";
+    case UnitKind::kMetadataRegion:
+      return "metadata region";
+    case UnitKind::kDescriptor:
+      return "descriptor";
+    case UnitKind::kGrainDirectory:
+      return "grain directory";
+    case UnitKind::kGrainTable:
+      return "grain table";
+    case UnitKind::kMarker:
+      return "marker";
+    case UnitKind::kMbr:
+      return "MBR";
+    case UnitKind::kGptHeader:
+      return "GPT header";
+    case UnitKind::kGptEntries:
+      return "GPT entries";
   }
   return "unknown";
 }

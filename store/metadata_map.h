@@ -15,30 +15,30 @@ namespace vmetafs::store {
 
 // What a unit is, in the vocabulary of the formats. Stored in the journal: append only.
 enum class UnitKind : uint8_t {
-  kHeader = 1,          // qcow2 header cluster; VHD dynamic header; VMDK sparse header
-  kL1Table = 2,         // qcow2 active L1 table (one unit per cluster)
-  kL2Table = 3,         // qcow2 L2 table (active or snapshot)
-  kRefcountTable = 4,   // qcow2 refcount table
-  kRefcountBlock = 5,   // qcow2 refcount block
-  kSnapshotTable = 6,   // qcow2 snapshot table
-  kSnapshotL1 = 7,      // qcow2 L1 table of an internal snapshot
-  kBitmapDirectory = 8, // qcow2 bitmap directory
-  kBitmapTable = 9,     // qcow2 bitmap table
-  kFooter = 20,         // VHD footer (and its copy at offset 0)
-  kBat = 21,            // VHD/VHDX block allocation table
-  kSectorBitmap = 22,   // VHD per-block sector bitmap
-  kParentLocator = 23,  // VHD parent locator data
-  kFileIdentifier = 30, // VHDX file type identifier
-  kRegionTable = 31,    // VHDX region table
-  kLog = 32,            // VHDX log region
-  kMetadataRegion = 33, // VHDX metadata region
-  kDescriptor = 40,     // VMDK descriptor
-  kGrainDirectory = 41, // VMDK grain directory (primary or redundant)
-  kGrainTable = 42,     // VMDK grain table (primary or redundant)
-  kMarker = 43,         // VMDK streamOptimized footer/markers
-  kMbr = 50,            // MBR / protective MBR (LBA 0)
-  kGptHeader = 51,      // primary or backup GPT header
-  kGptEntries = 52,     // GPT partition entry array
+  kHeader = 1,           // qcow2 header cluster; VHD dynamic header; VMDK sparse header
+  kL1Table = 2,          // qcow2 active L1 table (one unit per cluster)
+  kL2Table = 3,          // qcow2 L2 table (active or snapshot)
+  kRefcountTable = 4,    // qcow2 refcount table
+  kRefcountBlock = 5,    // qcow2 refcount block
+  kSnapshotTable = 6,    // qcow2 snapshot table
+  kSnapshotL1 = 7,       // qcow2 L1 table of an internal snapshot
+  kBitmapDirectory = 8,  // qcow2 bitmap directory
+  kBitmapTable = 9,      // qcow2 bitmap table
+  kFooter = 20,          // VHD footer (and its copy at offset 0)
+  kBat = 21,             // VHD/VHDX block allocation table
+  kSectorBitmap = 22,    // VHD per-block sector bitmap
+  kParentLocator = 23,   // VHD parent locator data
+  kFileIdentifier = 30,  // VHDX file type identifier
+  kRegionTable = 31,     // VHDX region table
+  kLog = 32,             // VHDX log region
+  kMetadataRegion = 33,  // VHDX metadata region
+  kDescriptor = 40,      // VMDK descriptor
+  kGrainDirectory = 41,  // VMDK grain directory (primary or redundant)
+  kGrainTable = 42,      // VMDK grain table (primary or redundant)
+  kMarker = 43,          // VMDK streamOptimized footer/markers
+  kMbr = 50,             // MBR / protective MBR (LBA 0)
+  kGptHeader = 51,       // primary or backup GPT header
+  kGptEntries = 52,      // GPT partition entry array
 };
 
 std::string_view UnitKindName(UnitKind kind);

@@ -8,13 +8,27 @@ std::string Status::ToString() const {
   if (ok()) return "OK";
   const char* kind = "error";
   switch (code_) {
-    case Code::kOk: kind = "OK"; break;
-    case Code::kNotFound: kind = "not found"; break;
-    case Code::kCorruption: kind = "corruption"; break;
-    case Code::kInvalidArgument: kind = "invalid argument"; break;
-    case Code::kIoError: kind = "I/O error"; break;
-    case Code::kBusy: kind = "busy"; break;
-    case Code::kNotSupported: kind = "not supported"; break;
+    case Code::kOk:
+      kind = "OK";
+      break;
+    case Code::kNotFound:
+      kind = "not found";
+      break;
+    case Code::kCorruption:
+      kind = "corruption";
+      break;
+    case Code::kInvalidArgument:
+      kind = "invalid argument";
+      break;
+    case Code::kIoError:
+      kind = "I/O error";
+      break;
+    case Code::kBusy:
+      kind = "busy";
+      break;
+    case Code::kNotSupported:
+      kind = "not supported";
+      break;
   }
   return std::string(kind) + ": " + message_;
 }

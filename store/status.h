@@ -16,8 +16,12 @@ class [[nodiscard]] Status {
 
   Status() = default;
   static Status Ok() { return Status(); }
-  static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg), ENOENT_); }
-  static Status Corruption(std::string msg) { return Status(Code::kCorruption, std::move(msg), EIO_); }
+  static Status NotFound(std::string msg) {
+    return Status(Code::kNotFound, std::move(msg), ENOENT_);
+  }
+  static Status Corruption(std::string msg) {
+    return Status(Code::kCorruption, std::move(msg), EIO_);
+  }
   static Status InvalidArgument(std::string msg) {
     return Status(Code::kInvalidArgument, std::move(msg), EINVAL_);
   }
@@ -46,7 +50,8 @@ class [[nodiscard]] Status {
  private:
   // Kept here so that status.h does not drag <cerrno> macros into every header.
   static constexpr int ENOENT_ = 2, EIO_ = 5, EBUSY_ = 16, EINVAL_ = 22, EOPNOTSUPP_ = 95;
-  Status(Code code, std::string msg, int err) : code_(code), errno_(err), message_(std::move(msg)) {}
+  Status(Code code, std::string msg, int err)
+      : code_(code), errno_(err), message_(std::move(msg)) {}
 
   Code code_ = Code::kOk;
   int errno_ = 0;
@@ -59,8 +64,8 @@ Status PosixError(std::string_view context, int saved_errno);
 }  // namespace vmetafs
 
 // Returns early from the enclosing function when `expr` yields a non-OK Status.
-#define VMETAFS_RETURN_IF_ERROR(expr)   \
-  do {                                  \
-    ::vmetafs::Status _st = (expr);     \
-    if (!_st.ok()) return _st;          \
+#define VMETAFS_RETURN_IF_ERROR(expr) \
+  do {                                \
+    ::vmetafs::Status _st = (expr);   \
+    if (!_st.ok()) return _st;        \
   } while (0)
