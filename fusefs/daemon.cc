@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fusefs/crash_report.h"
 #include "fusefs/filesystem.h"
 #include "fusefs/operations.h"
 #include "fusefs/options.h"
@@ -277,6 +278,7 @@ int RunDaemon(int argc, char** argv) {
   int code = kExitOk;
   if (!ParseOptions(argc, argv, &o, &code)) return code;
   UseStderrLog(o.debug);
+  InstallFatalSignalReport();
   fuse_set_log_func(FuseLog);
   umask(0);  // the kernel applied the client's umask already
   RaiseFileLimit();

@@ -584,6 +584,17 @@ class Mount:
     def running_now(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def daemon_state(self) -> str:
+        """How the last daemon is doing: running, stopped by the test, or exited by itself."""
+        if self.proc is None:
+            return "not running (stopped by the test or never started)"
+        rc = self.proc.poll()
+        if rc is None:
+            return f"running (pid {self.proc.pid})"
+        if rc < 0:
+            return f"died of signal {signal.Signals(-rc).name} (pid {self.proc.pid})"
+        return f"exited with {rc} (pid {self.proc.pid})"
+
     def log(self) -> str:
         return self.log_files[-1].read_text(errors="replace") if self.log_files else ""
 
@@ -637,6 +648,7 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{report.when}", report)
     if report.failed:
         for m in getattr(item, "vmetafs_mounts", []):
+            report.sections.append((f"vmetafs {m.name} daemon", m.daemon_state()))
             for i, log in enumerate(m.log_files, 1):
                 if log.exists():
                     report.sections.append((f"vmetafs {m.name} run {i} ({log})",
