@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <thread>
+#include <utility>
 
 namespace vmetafs::backend {
 namespace {
@@ -44,6 +45,52 @@ bool IsTransportError(int err) {
     default:
       return false;
   }
+}
+
+// The errno of an NFS status named in a libnfs message ("NFS: Write failed with
+// NFS3ERR_PERM(-1)"), or 0 when the message names none. libnfs reports a READ or WRITE split into
+// several RPCs that the server refused as EFAULT, and some refusals as EIO, naming the server's
+// status only in its message: the server answered, so the status is the error, not the transport.
+int StatusErrno(std::string_view message) {
+  static constexpr std::pair<std::string_view, int> kStatus[] = {
+      {"PERM", EPERM},
+      {"NOENT", ENOENT},
+      {"IO", EIO},
+      {"NXIO", ENXIO},
+      {"ACCES", EACCES},
+      {"EXIST", EEXIST},
+      {"XDEV", EXDEV},
+      {"NODEV", ENODEV},
+      {"NOTDIR", ENOTDIR},
+      {"ISDIR", EISDIR},
+      {"INVAL", EINVAL},
+      {"FBIG", EFBIG},
+      {"NOSPC", ENOSPC},
+      {"ROFS", EROFS},
+      {"MLINK", EMLINK},
+      {"NAMETOOLONG", ENAMETOOLONG},
+      {"NOTEMPTY", ENOTEMPTY},
+      {"DQUOT", EDQUOT},
+      {"STALE", ESTALE},
+      {"BADHANDLE", ESTALE},
+      {"FHEXPIRED", ESTALE},
+      {"NOTSUPP", EOPNOTSUPP},
+      {"TOOSMALL", EINVAL},
+      {"SERVERFAULT", EREMOTEIO},
+      {"BADTYPE", EINVAL},
+      {"OPENMODE", EACCES},
+      {"LOCKED", EAGAIN},
+  };
+  for (std::string_view prefix : {"NFS3ERR_", "NFS4ERR_"}) {
+    size_t at = message.find(prefix);
+    if (at == std::string_view::npos) continue;
+    std::string_view rest = message.substr(at + prefix.size());
+    std::string_view name = rest.substr(0, rest.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZ_"));
+    for (const auto& [status, err] : kStatus) {
+      if (name == status) return err;
+    }
+  }
+  return 0;
 }
 
 std::string ErrorOf(nfs_context* ctx) {
@@ -187,12 +234,16 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
         return Status::Ok();
       }
       detail = ErrorOf(conn.ctx);
+      int err = -rc;
+      const int status = err == EFAULT || err == EIO ? StatusErrno(detail) : 0;
+      if (status != 0) err = status;
       // libnfs 4.0 cannot recover an NFSv4 open-owner whose seqid it lost (NFS4ERR_BAD_SEQID,
       // which it reports as ERANGE): only a new context (a new client id) can.
-      const bool reset = IsTransportError(-rc) || (options_.version == 4 && rc == -ERANGE);
+      const bool reset =
+          (status == 0 && IsTransportError(err)) || (options_.version == 4 && rc == -ERANGE);
       if (!reset || (fresh && ++fresh_failures > kFreshRetries)) {
         Release(slot);
-        return Fail(what, path, -rc, detail);
+        return Fail(what, path, err, detail);
       }
       Drop(conn);
     }

@@ -258,9 +258,6 @@ def test_read_only_image_on_server_is_served_from_the_journal(own_server, make_m
         f"the log does not say the units are served from the journal:\n{log}"
 
 
-@pytest.mark.xfail(strict=True, reason="a write the NFS server refuses with NFS3ERR_PERM is "
-                   "logged as 'Bad address' (EFAULT) inside an 'I/O error', and handled as a lost "
-                   "server ('reconnecting until the server answers' / 'server answers again')")
 def test_read_only_image_on_server_permission_error_is_named(own_server, make_mount, tmp_path):
     log = serve_damaged_read_only_image(own_server, make_mount, tmp_path)
     refused = [l for l in log.splitlines() if "vm.qcow2" in l and "could not be written" in l]
