@@ -20,8 +20,11 @@ constexpr std::string_view kScheme = "nfs://";
 
 struct Spec {
   std::string libnfs_args;  // "" or "?a=b&c=d": the arguments libnfs understands
+  // The arguments that say where the server answers (ports, NFSv4), kept in the backing's id:
+  // the store records the id, and meta-restore reaches the server through it.
+  std::string reach_args;
   int timeout_s = 0;
-  int connections = 4;
+  int connections = 16;  // qemu keeps up to 16 requests in flight per image (cache=none)
   int version = 3;
 };
 
@@ -55,6 +58,10 @@ Status ParseArgs(std::string_view query, Spec* spec) {
     if (key == "version") VMETAFS_RETURN_IF_ERROR(ParseInt(key, value, 3, 4, &spec->version));
     spec->libnfs_args += spec->libnfs_args.empty() ? "?" : "&";
     spec->libnfs_args += arg;
+    if (key == "nfsport" || key == "mountport" || (key == "version" && spec->version == 4)) {
+      spec->reach_args += spec->reach_args.empty() ? "?" : "&";
+      spec->reach_args += arg;
+    }
   }
   return Status::Ok();
 }
@@ -174,8 +181,9 @@ Status NfsBackend::Open(const std::string& spec, std::unique_ptr<Backend>* out) 
   }
   if (shared->pool == nullptr) return first;
 
-  std::unique_ptr<NfsBackend> backend(
-      new NfsBackend(fmt::format("nfs://{}{}", server, Join(parts, 0, parts.size())), shared));
+  std::unique_ptr<NfsBackend> backend(new NfsBackend(
+      fmt::format("nfs://{}{}{}", server, Join(parts, 0, parts.size()), parsed.reach_args),
+      shared));
   struct stat root;
   VMETAFS_RETURN_IF_ERROR(backend->Lstat("", &root));
   if (!S_ISDIR(root.st_mode)) {
