@@ -41,7 +41,7 @@ struct NfsOptions {
   std::string libnfs_url;   // nfs://server/export?... with only libnfs's own arguments
   int version = 3;
   int timeout_s = 0;  // 0: hard (retry forever)
-  int connections = 4;
+  int connections = 16;
 };
 
 // One connection; only the request that leases it touches it.
