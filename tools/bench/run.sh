@@ -65,3 +65,5 @@ EOF
 gcc -O2 "$build/xxh3_speed.c" -o "$build/xxh3_speed" -lxxhash
 
 /usr/bin/python3 "$root/tools/bench/bench.py" --build "$build" --work "$work" "${args[@]}"
+# vmetafs over nfs:// against libnfs direct, on a local nfs-ganesha (skip with --skip nfs).
+/usr/bin/python3 "$root/tools/bench/nfs_bench.py" --build "$build" --work "$work" "${args[@]}"
