@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <thread>
 #include <utility>
 
@@ -108,6 +109,9 @@ NfsPool::~NfsPool() {
 }
 
 Status NfsPool::Create(NfsOptions options, std::shared_ptr<NfsPool>* out) {
+  // libnfs writes to sockets that a dying server closes at any moment, without MSG_NOSIGNAL: a
+  // SIGPIPE must not end the process (libfuse ignores it only while a session runs).
+  signal(SIGPIPE, SIG_IGN);
   std::shared_ptr<NfsPool> pool(new NfsPool(std::move(options)));
   VMETAFS_RETURN_IF_ERROR(pool->Connect(pool->slots_[0].conn));
   *out = std::move(pool);
