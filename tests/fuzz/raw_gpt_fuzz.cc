@@ -2,7 +2,7 @@
 // limits, and checked when the parse found the image valid. Neither may crash, hang or allocate
 // beyond the limits, whatever the bytes say.
 //
-// Not built by CMake. Build and run by hand, e.g.:
+// Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/raw_gpt_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
 //     -o raw_gpt_fuzz
