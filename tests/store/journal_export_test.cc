@@ -1,5 +1,6 @@
 #include "store/journal_export.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -120,14 +121,14 @@ Snapshot Take(const Journal& j, const std::string& path) {
   }));
   for (const UnitVersion& v : units) {
     s.latest.push_back(v.content);
-    by_seq[v.seq] = "v" + std::to_string(v.unit.offset);
+    by_seq[v.seq] = fmt::format("v{}", v.unit.offset);
     std::vector<UnitVersion> older;
     REQUIRE_OK(j.UnitHistory(im.id, v.unit, &older));
     s.history.emplace_back();
     for (const UnitVersion& h : older) {
       s.history.back().push_back(h.content);
       REQUIRE(h.seq < v.seq);
-      by_seq[h.seq] = "v" + std::to_string(h.unit.offset);
+      by_seq[h.seq] = fmt::format("v{}", h.unit.offset);
     }
   }
   std::vector<Event> events;
