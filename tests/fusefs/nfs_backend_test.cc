@@ -10,6 +10,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
@@ -270,8 +271,8 @@ TEST_CASE("nfs backend: file I/O, locks and identity", "[nfs]") {
   auto data = Pattern(100000, 2);
   REQUIRE(f->WriteAt(5, data).ok());
   REQUIRE(f->Sync().ok());
-  std::vector<uint8_t> expect(5, 0);
-  expect.insert(expect.end(), data.begin(), data.end());
+  std::vector<uint8_t> expect(5 + data.size(), 0);
+  std::copy(data.begin(), data.end(), expect.begin() + 5);
   CHECK(ReadFile(root + "/img") == expect);
 
   std::vector<uint8_t> back(100005);
