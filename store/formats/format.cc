@@ -13,6 +13,14 @@ Status FormatParser::Check(const ImageFile&, const ParsedImage&, const ParseLimi
   return Status::Ok();
 }
 
+Status FormatParser::CheckAfterCrash(const ImageFile& file, const ParsedImage& parsed,
+                                     const ImageFile&, const ParseLimits& limits,
+                                     std::vector<std::string>* problems,
+                                     uint64_t* tolerated) const {
+  *tolerated = 0;
+  return Check(file, parsed, limits, problems);
+}
+
 const std::vector<const FormatParser*>& AllFormats() {
   static const Qcow2Parser qcow2;
   static const VhdxParser vhdx;

@@ -20,16 +20,16 @@ namespace vmetafs::store {
 struct ParseLimits {
   uint64_t max_metadata_bytes = 4ull << 30;  // sum of all units
   uint64_t max_units = 16ull << 20;
-  uint64_t max_table_bytes = 512ull << 20;    // one table read into memory (an L1, a BAT...)
-  uint64_t max_check_memory = 1ull << 30;     // Check()'s reference counters
+  uint64_t max_table_bytes = 512ull << 20;  // one table read into memory (an L1, a BAT...)
+  uint64_t max_check_memory = 1ull << 30;   // Check()'s reference counters
 };
 
 // The result of parsing one image.
 struct ParsedImage {
-  std::string format;          // "qcow2", "vhd", "vhdx", "vmdk", "raw"
-  uint64_t virtual_size = 0;   // guest-visible size in bytes
-  uint32_t cluster_size = 0;   // allocation unit where the format has one, else 0
-  MetadataMap map;             // valid only when problems is empty
+  std::string format;         // "qcow2", "vhd", "vhdx", "vmdk", "raw"
+  uint64_t virtual_size = 0;  // guest-visible size in bytes
+  uint32_t cluster_size = 0;  // allocation unit where the format has one, else 0
+  MetadataMap map;            // valid only when problems is empty
   // Violations of the format's rules (bad magic, offsets past the end of the file, misaligned or
   // overlapping tables, bad checksums). Empty means structurally valid. Each names the structure
   // and the offset, in words an admin can act on.
@@ -52,7 +52,8 @@ class FormatParser {
   virtual Status Parse(const ImageFile& file, const ParseLimits& limits,
                        ParsedImage* out) const = 0;
   // True when the map depends on the file's size (a VHD footer is always the last 512 bytes; a
-  // GPT backup header sits at the last LBA): a write or truncate that changes the size moves the map.
+  // GPT backup header sits at the last LBA): a write or truncate that changes the size moves the
+  // map.
   virtual bool MapDependsOnFileSize() const { return false; }
   // The deep consistency check run when deciding whether a change made outside the mount is
   // legitimate: allocation accounting against references (qcow2 refcounts vs L1/L2/..., VHD BAT
@@ -60,6 +61,16 @@ class FormatParser {
   // `parsed` is a valid result of Parse on the same file. The default finds nothing.
   virtual Status Check(const ImageFile& file, const ParsedImage& parsed, const ParseLimits& limits,
                        std::vector<std::string>* problems) const;
+  // Check after the image's writer stopped uncleanly (daemon or host crash), with qemu's rule
+  // for that case: clusters allocated but referenced by nothing, which an allocation in flight
+  // leaves behind, are not problems (qemu-img check calls them leaks, not corruption). A leaked
+  // cluster that `before` references is a problem all the same: the image lost a reference (a
+  // zeroed L1 or L2 table leaks everything behind it). `before` is the same image as last known
+  // good (the journal's view); when it cannot be walked, leaks stay problems. *tolerated counts
+  // the leaked clusters not reported. The default is Check (formats without leaks).
+  virtual Status CheckAfterCrash(const ImageFile& file, const ParsedImage& parsed,
+                                 const ImageFile& before, const ParseLimits& limits,
+                                 std::vector<std::string>* problems, uint64_t* tolerated) const;
 };
 
 // The parsers vmetafs knows, in probing order (most specific magic first).

@@ -15,6 +15,9 @@ class Qcow2Parser : public FormatParser {
   Status Parse(const ImageFile& file, const ParseLimits& limits, ParsedImage* out) const override;
   Status Check(const ImageFile& file, const ParsedImage& parsed, const ParseLimits& limits,
                std::vector<std::string>* problems) const override;
+  Status CheckAfterCrash(const ImageFile& file, const ParsedImage& parsed, const ImageFile& before,
+                         const ParseLimits& limits, std::vector<std::string>* problems,
+                         uint64_t* tolerated) const override;
 };
 
 }  // namespace vmetafs::store

@@ -1,9 +1,11 @@
 // qcow2: the deep check, after qemu-img check (block/qcow2-refcount.c, qcow2_check_refcounts):
 // count the references to every host cluster from the image's own structures and compare them
 // with the refcounts stored in the refcount blocks ("Host cluster management" in
-// docs/interop/qcow2.txt). Unlike qemu, leaked clusters count as problems, and the COPIED flags
-// are not judged (they are hints qemu rebuilds itself).
+// docs/interop/qcow2.txt). Unlike qemu, leaked clusters count as problems, except after a crash
+// of the writer when nothing referenced them before (CheckAfterCrash); the COPIED flags are not
+// judged (they are hints qemu rebuilds itself).
 #include <algorithm>
+#include <optional>
 
 #include "store/coding.h"
 #include "store/formats/qcow2.h"
@@ -71,21 +73,38 @@ uint64_t RefcountAt(std::span<const uint8_t> block, uint64_t index, uint32_t ord
   }
 }
 
+// A cluster with a refcount that nothing references.
+struct Leak {
+  uint64_t cluster;
+  uint64_t refcount;
+};
+
 // One walk over the image's structures: references counted in memory (one saturating 16-bit
 // counter per host cluster of the file), then compared with the stored refcounts.
 class RefcountCheck {
  public:
-  RefcountCheck(const ImageFile& file, const Layout& layout, ProblemList* problems)
+  // Leaked clusters go to `leaks` when given, else they are problems.
+  RefcountCheck(const ImageFile& file, const Layout& layout, ProblemList* problems,
+                std::vector<Leak>* leaks = nullptr)
       : file_(file),
         layout_(layout),
         problems_(problems),
+        leaks_(leaks),
         counts_(CeilDiv(layout.file_size, layout.cluster_size), 0) {}
 
   Status Run() {
+    VMETAFS_RETURN_IF_ERROR(CountReferences());
+    return CompareRefcounts();
+  }
+
+  Status CountReferences() {
     CountTables();
     VMETAFS_RETURN_IF_ERROR(CountL2Tables());
-    VMETAFS_RETURN_IF_ERROR(CountBitmapData());
-    return CompareRefcounts();
+    return CountBitmapData();
+  }
+
+  bool Referenced(uint64_t cluster) const {
+    return cluster < counts_.size() && counts_[cluster] > 0;
   }
 
  private:
@@ -275,6 +294,8 @@ class RefcountCheck {
           "cluster at offset {}: refcount {} is smaller than its {} references "
           "(refcount too small)",
           offset, stored, refs);
+    } else if (stored > refs && refs == 0 && leaks_ != nullptr) {
+      leaks_->push_back({cluster, stored});
     } else if (stored > refs && refs == 0) {
       problems_->Add(
           "cluster at offset {}: refcount {} but nothing references it (leaked "
@@ -291,8 +312,70 @@ class RefcountCheck {
   const ImageFile& file_;
   const Layout& layout_;
   ProblemList* problems_;
+  std::vector<Leak>* leaks_;
   std::vector<uint16_t> counts_;
 };
+
+// Reads the layout of `file` and runs the refcount check on it (leaks to `leaks` when given).
+Status CheckFile(const ImageFile& file, const ParseLimits& limits, ProblemList* problems,
+                 std::vector<Leak>* leaks) {
+  Layout layout;
+  VMETAFS_RETURN_IF_ERROR(ReadLayout(file, limits, &layout, problems));
+  if (problems->count() > 0) return Status::Ok();
+  if (layout.dirty()) {
+    problems->Add(
+        "dirty lazy-refcount image: the dirty bit is set, so the refcounts may be stale until "
+        "qemu repairs them on the next open; they were not checked");
+    return Status::Ok();
+  }
+  const uint64_t clusters = CeilDiv(layout.file_size, layout.cluster_size);
+  if (clusters > limits.max_check_memory / sizeof(uint16_t)) {
+    problems->Add(
+        "refcount check skipped: {} clusters need {} bytes of counters, more than the "
+        "limit of {} bytes",
+        clusters, clusters * sizeof(uint16_t), limits.max_check_memory);
+    return Status::Ok();
+  }
+  RefcountCheck check(file, layout, problems, leaks);
+  return check.Run();
+}
+
+// Moves the leaks that `before` references (or all of them, when `before` cannot be walked) to
+// `problems`; returns in *tolerated how many are left.
+Status JudgeLeaks(const ImageFile& before, const ParseLimits& limits,
+                  const std::vector<Leak>& leaks, ProblemList* problems, uint64_t* tolerated) {
+  std::vector<std::string> before_problems;
+  ProblemList walk(&before_problems);
+  Layout layout;
+  VMETAFS_RETURN_IF_ERROR(ReadLayout(before, limits, &layout, &walk));
+  const bool fits =
+      CeilDiv(layout.file_size, layout.cluster_size) <= limits.max_check_memory / sizeof(uint16_t);
+  std::optional<RefcountCheck> refs;
+  if (walk.count() == 0 && fits) {
+    refs.emplace(before, layout, &walk);
+    VMETAFS_RETURN_IF_ERROR(refs->CountReferences());
+  }
+  const bool judged = refs.has_value() && walk.count() == 0;
+  *tolerated = 0;
+  for (const Leak& leak : leaks) {
+    const uint64_t offset = leak.cluster * layout.cluster_size;
+    if (!judged) {
+      problems->Add(
+          "cluster at offset {}: refcount {} but nothing references it (leaked cluster; the "
+          "image before the crash cannot be walked to tell an allocation in flight from a lost "
+          "reference)",
+          offset, leak.refcount);
+    } else if (refs->Referenced(leak.cluster)) {
+      problems->Add(
+          "cluster at offset {}: refcount {} but nothing references it, and the image before "
+          "the crash did (a lost reference, not an allocation in flight)",
+          offset, leak.refcount);
+    } else {
+      ++*tolerated;
+    }
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 }  // namespace qcow2
@@ -301,28 +384,23 @@ Status Qcow2Parser::Check(const ImageFile& file, const ParsedImage& parsed,
                           const ParseLimits& limits, std::vector<std::string>* out) const {
   (void)parsed;  // derived again: the file is the truth, and may have changed since
   qcow2::ProblemList problems(out);
-  qcow2::Layout layout;
-  VMETAFS_RETURN_IF_ERROR(qcow2::ReadLayout(file, limits, &layout, &problems));
-  if (problems.count() > 0) {
-    problems.Finish();
-    return Status::Ok();
+  VMETAFS_RETURN_IF_ERROR(qcow2::CheckFile(file, limits, &problems, nullptr));
+  problems.Finish();
+  return Status::Ok();
+}
+
+Status Qcow2Parser::CheckAfterCrash(const ImageFile& file, const ParsedImage& parsed,
+                                    const ImageFile& before, const ParseLimits& limits,
+                                    std::vector<std::string>* out, uint64_t* tolerated) const {
+  (void)parsed;
+  *tolerated = 0;
+  qcow2::ProblemList problems(out);
+  std::vector<qcow2::Leak> leaks;
+  VMETAFS_RETURN_IF_ERROR(qcow2::CheckFile(file, limits, &problems, &leaks));
+  // Leaks are judged only in an image otherwise sound: beside real damage they change nothing.
+  if (problems.count() == 0 && !leaks.empty()) {
+    VMETAFS_RETURN_IF_ERROR(qcow2::JudgeLeaks(before, limits, leaks, &problems, tolerated));
   }
-  if (layout.dirty()) {
-    problems.Add(
-        "dirty lazy-refcount image: the dirty bit is set, so the refcounts may be stale until "
-        "qemu repairs them on the next open; they were not checked");
-    return Status::Ok();
-  }
-  const uint64_t clusters = qcow2::CeilDiv(layout.file_size, layout.cluster_size);
-  if (clusters > limits.max_check_memory / sizeof(uint16_t)) {
-    problems.Add(
-        "refcount check skipped: {} clusters need {} bytes of counters, more than the "
-        "limit of {} bytes",
-        clusters, clusters * sizeof(uint16_t), limits.max_check_memory);
-    return Status::Ok();
-  }
-  qcow2::RefcountCheck check(file, layout, &problems);
-  VMETAFS_RETURN_IF_ERROR(check.Run());
   problems.Finish();
   return Status::Ok();
 }
