@@ -161,11 +161,26 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
 Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v) {
   v->checked_deep = true;
   v->check_problems.clear();
+  v->tolerated_leaks = 0;
   if (v->parser == nullptr || !v->storage.valid()) return Status::Ok();
   return v->parser->Check(file, v->storage, limits, &v->check_problems);
 }
 
 namespace {
+
+// Lays the journal's content over the units that differ from it: the journal's view of `file`.
+Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay) {
+  for (const UnitCheck& c : v.units) {
+    if (c.result != UnitCheck::Result::kDiffers && c.result != UnitCheck::Result::kMissing)
+      continue;
+    UnitVersion full;
+    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(v.image.id, c.journaled.unit, &full));
+    overlay->Add(full.unit.offset,
+                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
+                                          full.content.size()));
+  }
+  return Status::Ok();
+}
 
 // The journal's view of the image: the storage with the journal's content laid over the units
 // that differ. Parses it (and deep-checks it when `deep`). Fills *view.
@@ -173,15 +188,7 @@ Status JournalView(const Journal& journal, const ImageFile& file, const ParseLim
                    const Verification& v, bool deep, ParsedImage* view,
                    std::vector<std::string>* problems) {
   OverlayImageFile overlay(file);
-  for (const UnitCheck& c : v.units) {
-    if (c.result != UnitCheck::Result::kDiffers && c.result != UnitCheck::Result::kMissing)
-      continue;
-    UnitVersion full;
-    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(v.image.id, c.journaled.unit, &full));
-    overlay.Add(full.unit.offset,
-                std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
-                                         full.content.size()));
-  }
+  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, v, &overlay));
   if (v.parser == nullptr) {
     problems->push_back("the journal does not name a known format");
     return Status::Ok();
@@ -194,6 +201,18 @@ Status JournalView(const Journal& journal, const ImageFile& file, const ParseLim
 }
 
 }  // namespace
+
+Status CheckStorageAfterCrash(const Journal& journal, const ImageFile& file,
+                              const ParseLimits& limits, Verification* v) {
+  v->checked_deep = true;
+  v->check_problems.clear();
+  v->tolerated_leaks = 0;
+  if (v->parser == nullptr || !v->storage.valid()) return Status::Ok();
+  OverlayImageFile before(file);
+  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, *v, &before));
+  return v->parser->CheckAfterCrash(file, v->storage, before, limits, &v->check_problems,
+                                    &v->tolerated_leaks);
+}
 
 Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
               Verification* v, Plan* plan) {
@@ -217,14 +236,24 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   const std::string what = fmt::format("{} of {} units differ from the journal ({})",
                                        differing.size(), v->units.size(), DescribeUnits(differing));
   if (v->changed_outside) {
-    VMETAFS_RETURN_IF_ERROR(CheckStorageDeep(file, limits, v));
+    // After an unclean stop the storage may be newer than the journal (unsynced journal, kept
+    // storage writes) with the leaks of an allocation in flight: qemu accepts those, and so
+    // adopting keeps what the storage holds durably instead of rolling it back.
+    VMETAFS_RETURN_IF_ERROR(v->image.in_use ? CheckStorageAfterCrash(journal, file, limits, v)
+                                            : CheckStorageDeep(file, limits, v));
     if (v->storage_valid()) {
       plan->action = Action::kAdopted;
       plan->units = differing;
       plan->detail = fmt::format(
-          "changed outside the mount ({}) and internally valid; {}; the "
+          "changed outside the mount ({}) and internally valid{}; {}; the "
           "change is kept and the journal re-baselined",
-          v->change_reason, what);
+          v->change_reason,
+          v->tolerated_leaks == 0
+              ? ""
+              : fmt::format(" but for {} leaked clusters of an allocation in flight (qemu-img "
+                            "check -r leaks frees them)",
+                            v->tolerated_leaks),
+          what);
       return Status::Ok();
     }
   }

@@ -40,6 +40,7 @@ struct Verification {
   ParsedImage storage;                      // the storage parsed as it is now
   std::vector<std::string> check_problems;  // deep Check() findings (only when requested)
   bool checked_deep = false;
+  uint64_t tolerated_leaks = 0;  // leaked clusters the deep check let pass after a crash
   std::vector<UnitCheck> units;  // every journaled unit, in (extent, offset) order
   size_t differing = 0;          // units with kDiffers or kMissing
   bool changed_outside = false;  // the storage changed while vmetafs was not the writer
@@ -58,6 +59,10 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
 
 // Runs the format's deep consistency check on the storage (fills check_problems).
 Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v);
+// The same after the image's writer stopped uncleanly: leaked clusters the journal's view does
+// not reference are an allocation in flight, not problems (fills tolerated_leaks too).
+Status CheckStorageAfterCrash(const Journal& journal, const ImageFile& file,
+                              const ParseLimits& limits, Verification* v);
 
 // What a decision will do, before it is done (meta-restore --dry-run prints this).
 struct Plan {
