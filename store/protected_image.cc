@@ -166,7 +166,10 @@ Status ProtectedImage::JournalWrite(uint64_t offset, std::span<const uint8_t> da
     next.epoch = st.flush_epoch;
     next.time_ns = NowNs();
     pointers = pointers || u.moves_map;
-    batch.PutUnit(st.image_id, std::move(next), prev.epoch == st.flush_epoch ? nullptr : &prev);
+    // The epoch's first write keeps what the unit held before it as history: a power loss may
+    // leave that content however often the unit is written again before the next flush.
+    const bool epoch_start = prev.epoch != st.flush_epoch || !prev.has_prev;
+    batch.PutUnit(st.image_id, std::move(next), epoch_start ? &prev : nullptr);
   }
   if (pointers) {
     // Derive the map this write will produce; tables it now points to were written before the

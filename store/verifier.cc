@@ -55,6 +55,17 @@ std::string JoinProblems(const std::vector<std::string>& problems) {
   return out;
 }
 
+// A unit written several times within one flush epoch records as its previous content only what
+// its last write replaced; what it held when the epoch's first write came (the content the last
+// completed flush left) is its newest history version, and a power loss may leave that too.
+Status HoldsEpochStart(const Journal& journal, const ImageRecord& image, const UnitCheck& c,
+                       bool* holds) {
+  std::vector<UnitVersion> older;
+  VMETAFS_RETURN_IF_ERROR(journal.UnitHistory(image.id, c.journaled.unit, &older));
+  *holds = !older.empty() && older.front().hash == c.storage_hash;
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::string_view UnitResultName(UnitCheck::Result r) {
@@ -146,9 +157,13 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
       file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
         UnitCheck& c = out->units[next++];
         c.storage_hash = bytes.empty() ? 0 : ContentHash(bytes);
+        bool legitimate = !bytes.empty() && c.journaled.Accepts(c.storage_hash, image);
+        if (!bytes.empty() && !legitimate && c.journaled.Pending(image)) {
+          VMETAFS_RETURN_IF_ERROR(HoldsEpochStart(journal, image, c, &legitimate));
+        }
         if (!bytes.empty() && c.storage_hash == c.journaled.hash) {
           c.result = UnitCheck::Result::kMatch;
-        } else if (!bytes.empty() && c.journaled.Accepts(c.storage_hash, image)) {
+        } else if (legitimate) {
           c.result = UnitCheck::Result::kPendingOld;
         } else {
           c.result = u.end() > size ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
