@@ -115,9 +115,11 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
   if (decision) decision->is_image = true;
 
   // The journal failed while the image was open in this mount, perhaps too early to record it.
-  if (std::string why; st.protector->TakeDegraded(record.id, &why)) {
+  std::string degraded_why;
+  const bool degraded = st.protector->Degraded(record.id, &degraded_why);
+  if (degraded) {
     record.protection = Protection::kUnprotected;
-    if (record.unprotected_reason.empty()) record.unprotected_reason = why;
+    if (record.unprotected_reason.empty()) record.unprotected_reason = degraded_why;
   }
   Verification v;
   VMETAFS_RETURN_IF_ERROR(Verify(journal, record, *st.file, limits, nullptr, &v));
@@ -132,7 +134,9 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
     const std::string why = record.protection == Protection::kUnprotected
                                 ? "protection resumed after: " + record.unprotected_reason
                                 : "no journaled units";
-    return Baseline(st, &record, std::move(v.storage), why, decision);
+    VMETAFS_RETURN_IF_ERROR(Baseline(st, &record, std::move(v.storage), why, decision));
+    if (degraded) st.protector->ClearDegraded(record.id);
+    return Status::Ok();
   }
 
   Plan plan;

@@ -72,13 +72,17 @@ void Protector::Unlinked(const std::string& path) {
   }
 }
 
-bool Protector::TakeDegraded(uint64_t id, std::string* why) {
+bool Protector::Degraded(uint64_t id, std::string* why) {
   std::lock_guard<std::mutex> lock(records_mutex_);
   auto it = degraded_.find(id);
   if (it == degraded_.end()) return false;
-  *why = std::move(it->second);
-  degraded_.erase(it);
+  *why = it->second;
   return true;
+}
+
+void Protector::ClearDegraded(uint64_t id) {
+  std::lock_guard<std::mutex> lock(records_mutex_);
+  degraded_.erase(id);
 }
 
 Status Protector::Close() {

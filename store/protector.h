@@ -79,8 +79,12 @@ class Protector {
   ProtectorOptions options_;
   std::unique_ptr<Journal> journal_;
   // Images whose journal failed during this mount, with why: the journal may have been failing
-  // too long to record it, and their next first open must re-baseline. True if `id` was there.
-  bool TakeDegraded(uint64_t id, std::string* why);
+  // too long to record it (neither the failure nor the close), and their first opens re-baseline
+  // until one succeeds. Degraded() is true if `id` is marked; ClearDegraded() drops the mark once
+  // protection has resumed, so that a first open that fails half way (the journal failing again)
+  // leaves it for the next.
+  bool Degraded(uint64_t id, std::string* why);
+  void ClearDegraded(uint64_t id);
 
   std::mutex records_mutex_;  // guards read-modify-write of image records, and degraded_
   std::map<uint64_t, std::string> degraded_;
