@@ -91,20 +91,27 @@ Status Filesystem::StatOpen(Inode& node, struct stat* st) {
   return (*node.open.handles.begin())->file->Fstat(st);
 }
 
+namespace {
+
 // Images, and files that may become one (empty), bypass the kernel page cache so that the store
-// sees each write when and as the client made it; other files may be cached.
-void Filesystem::FinishOpen(FileHandle* fh, fuse_file_info* fi) {
+// sees each write when and as the client made it; so do O_DIRECT opens, which then skip the
+// kernel's page-cache bookkeeping and may write in parallel (operations.cc, ReplyOpen). Other files
+// may be cached.
+bool WantsDirectIo(const FileHandle& fh) {
+  if (fh.inode->type() != S_IFREG) return false;
+  if ((fh.flags & O_DIRECT) != 0) return true;
   struct stat st;
-  bool direct = false;
-  if (fh->inode->type() == S_IFREG && fh->file->Fstat(&st).ok()) {
-    if (st.st_size == 0 || (fh->image != nullptr && fh->image->is_image())) {
-      direct = true;
-    } else if (fh->image == nullptr && (fh->flags & O_ACCMODE) != O_WRONLY) {
-      direct = store::DetectFormat(*fh->file) != nullptr;
-    }
-  }
+  if (!fh.file->Fstat(&st).ok()) return false;
+  if (st.st_size == 0 || (fh.image != nullptr && fh.image->is_image())) return true;
+  return fh.image == nullptr && (fh.flags & O_ACCMODE) != O_WRONLY &&
+         store::DetectFormat(*fh.file) != nullptr;
+}
+
+}  // namespace
+
+void Filesystem::FinishOpen(FileHandle* fh, fuse_file_info* fi) {
   fi->fh = reinterpret_cast<uint64_t>(fh);
-  fi->direct_io = direct ? 1 : 0;
+  fi->direct_io = WantsDirectIo(*fh) ? 1 : 0;
   fi->keep_cache = 0;
 }
 

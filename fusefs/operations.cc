@@ -1,6 +1,8 @@
 #include "fusefs/operations.h"
 
+#include <linux/fuse.h>
 #include <spdlog/spdlog.h>
+#include <sys/uio.h>
 
 #include <cerrno>
 #include <exception>
@@ -50,6 +52,21 @@ void ReplyStatus(fuse_req_t req, const char* op, const Status& st) {
 // behind that the kernel would later forget or release: undo it here.
 void ReplyEntry(fuse_req_t req, const fuse_entry_param& e) {
   if (fuse_reply_entry(req, &e) == -ENOENT) Fs(req).Forget(e.ino, 1);
+}
+
+// fuse_reply_open's reply, plus FOPEN_PARALLEL_DIRECT_WRITES for direct-I/O files: without it the
+// kernel holds the inode lock across each direct write's round trip, so a client's parallel writes
+// to one image reach the daemon one at a time. libfuse 3.14's fuse_file_info has no bit for the
+// flag (3.15 added one), so the reply is built here; kernels before 6.2 ignore the unknown bit.
+int ReplyOpen(fuse_req_t req, const fuse_file_info& fi) {
+  struct fuse_open_out out = {};
+  out.fh = fi.fh;
+  if (fi.direct_io) out.open_flags |= FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+  if (fi.keep_cache) out.open_flags |= FOPEN_KEEP_CACHE;
+  if (fi.nonseekable) out.open_flags |= FOPEN_NONSEEKABLE;
+  if (fi.noflush) out.open_flags |= FOPEN_NOFLUSH;
+  struct iovec iov = {&out, sizeof(out)};
+  return fuse_reply_iov(req, &iov, 1);
 }
 
 void ReplyXattr(fuse_req_t req, const std::string& value, size_t size) {
@@ -177,7 +194,7 @@ void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_
 void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Serve(req, "open", [&] {
     Finish(req, "open", Fs(req).Open(ino, fi), [&] {
-      if (fuse_reply_open(req, fi) == -ENOENT) Fs(req).Release(fi);
+      if (ReplyOpen(req, *fi) == -ENOENT) Fs(req).Release(fi);
     });
   });
 }
