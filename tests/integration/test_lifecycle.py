@@ -2,11 +2,13 @@
 the daemon starts, stops and refuses bad input."""
 
 import json
+import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import (GiB, MiB, PATTERNS, copy_file, create_image, daemon_command, expected_content,
+from conftest import (GiB, KiB, MiB, PATTERNS, copy_file, create_image, daemon_command, expected_content,
                       out, poke, qemu_img, qemu_img_check, qemu_img_compare, random_bytes, read_at,
                       start_expecting_refusal, verify_patterns, write_patterns, zero)
 from qcow2_layout import Qcow2Layout
@@ -120,7 +122,48 @@ def test_image_copied_in_with_one_open_is_protected(backing, mount, tmp_path):
     damage_and_expect_restore(mount, backing, tmp_path, IMAGE, expected_content(PATTERNS))
 
 
+def test_parallel_direct_writes_keep_the_image_protected(backing, mount, tmp_path):
+    """qemu's O_DIRECT writes at depth 16, each allocating a cluster, reach the daemon in parallel
+    (direct I/O opens allow parallel writes): the image comes out as on a plain directory, and its
+    journal still restores it."""
+    step, count, pattern = 4 * MiB, 1000, 0x5A  # spread over 8 L2 tables
+    bench = ["bench", "-q", "-w", "-f", "qcow2", "-t", "none", "-d", "16", "-s", "4096",
+             "-S", str(step), "-c", str(count), f"--pattern={pattern}"]
+    reference = tmp_path / "plain.qcow2"
+    create_image(reference)
+    qemu_img(*bench, reference)
+    with mount.running():
+        create_image(mount / IMAGE)
+        qemu_img(*bench, mount / IMAGE)
+        qemu_img_compare(reference, mount / IMAGE)
+        qemu_img_check(mount / IMAGE)
+    runs = [(i * step, 4096, pattern) for i in range(0, count, 37)]
+    damage_and_expect_restore(mount, backing, tmp_path, IMAGE, runs)
+
+
 # ---- files that are not (valid) images ----
+
+def test_parallel_direct_writes_to_a_plain_file_all_land(backing, mount):
+    block, blocks = 64 * KiB, 128
+    with mount.running():
+        # Inside the file, on an open (not a create): the kernel lets these writes run in parallel.
+        with open(mount / "raw.img", "wb") as f:
+            f.truncate(block * blocks)
+        fd = os.open(mount / "raw.img", os.O_RDWR | os.O_DIRECT)
+
+        def put(i):
+            buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT wants
+            buf.write(random_bytes(block, i))
+            assert os.pwrite(fd, buf, i * block) == block
+
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(put, range(blocks)))
+        finally:
+            os.close(fd)
+    expected = b"".join(random_bytes(block, i) for i in range(blocks))
+    assert read_at(backing / "raw.img", 0, block * blocks) == expected
+
 
 # qcow2 files with the magic but impossible tables: name -> (header field offset, new bytes).
 ABSURD_IMAGES = {
