@@ -57,7 +57,7 @@ void ReplyEntry(fuse_req_t req, const fuse_entry_param& e) {
 // fuse_reply_open's reply, plus FOPEN_PARALLEL_DIRECT_WRITES for direct-I/O files: without it the
 // kernel holds the inode lock across each direct write's round trip, so a client's parallel writes
 // to one image reach the daemon one at a time. libfuse 3.14's fuse_file_info has no bit for the
-// flag (3.15 added one), so the reply is built here; kernels before 6.2 ignore the unknown bit.
+// flag (3.15 added one), so the reply is built here; older kernels ignore the unknown bit.
 int ReplyOpen(fuse_req_t req, const fuse_file_info& fi) {
   struct fuse_open_out out = {};
   out.fh = fi.fh;
