@@ -57,7 +57,8 @@ std::string JoinProblems(const std::vector<std::string>& problems) {
 
 // A unit written several times within one flush epoch records as its previous content only what
 // its last write replaced; what it held when the epoch's first write came (the content the last
-// completed flush left) is its newest history version, and a power loss may leave that too.
+// completed flush left) is its newest history version, and a crash or power loss may leave that
+// too.
 Status HoldsEpochStart(const Journal& journal, const ImageRecord& image, const UnitCheck& c,
                        bool* holds) {
   std::vector<UnitVersion> older;
@@ -158,7 +159,9 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
         UnitCheck& c = out->units[next++];
         c.storage_hash = bytes.empty() ? 0 : ContentHash(bytes);
         bool legitimate = !bytes.empty() && c.journaled.Accepts(c.storage_hash, image);
-        if (!bytes.empty() && !legitimate && c.journaled.Pending(image)) {
+        // Only a stop that was not clean (a crash, a power loss) can leave the epoch's start on
+        // the storage; after a clean close it would be damage that happens to look old.
+        if (!bytes.empty() && !legitimate && image.in_use && c.journaled.Pending(image)) {
           VMETAFS_RETURN_IF_ERROR(HoldsEpochStart(journal, image, c, &legitimate));
         }
         if (!bytes.empty() && c.storage_hash == c.journaled.hash) {
