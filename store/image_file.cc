@@ -1,6 +1,7 @@
 #include "store/image_file.h"
 
 #include <fmt/format.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cstring>
@@ -92,6 +93,121 @@ Status OverlayImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
 
 Status OverlayImageFile::WriteAt(uint64_t, std::span<const uint8_t>) {
   return Status::NotSupported("an overlay view is read-only");
+}
+
+Status ImageFile::OpenExtent(uint16_t extent, const std::string& name, const ImageFile**) const {
+  return Status::NotSupported(fmt::format(
+      "extent {} (\"{}\"): this file has no storage to find other files on", extent, name));
+}
+
+void OverlayImageFile::Add(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes) {
+  if (extent == 0) return Add(offset, bytes);
+  extent_patches_[extent].emplace_back(offset, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+}
+
+const ImageFile* OverlayImageFile::Overlaid(uint16_t extent, const ImageFile* file) const {
+  auto patches = extent_patches_.find(extent);
+  if (file == nullptr || patches == extent_patches_.end()) return file;
+  std::lock_guard lock(extents_mutex_);
+  std::unique_ptr<OverlayImageFile>& view = extent_views_[{extent, file}];
+  if (view == nullptr) {
+    view = std::make_unique<OverlayImageFile>(*file);
+    for (const auto& [offset, bytes] : patches->second) view->Add(offset, bytes);
+  }
+  return view.get();
+}
+
+Status OverlayImageFile::OpenExtent(uint16_t extent, const std::string& name,
+                                    const ImageFile** out) const {
+  const ImageFile* file = nullptr;
+  VMETAFS_RETURN_IF_ERROR(base_.OpenExtent(extent, name, &file));
+  *out = Overlaid(extent, file);
+  return Status::Ok();
+}
+
+const ImageFile* OverlayImageFile::Extent(uint16_t extent) const {
+  return extent == 0 ? this : Overlaid(extent, base_.Extent(extent));
+}
+
+MultiFileImage::MultiFileImage(std::unique_ptr<ImageFile> primary, std::string path, Opener open)
+    : primary_(std::move(primary)), path_(std::move(path)), open_(std::move(open)) {}
+
+Status MultiFileImage::Sync() {
+  VMETAFS_RETURN_IF_ERROR(primary_->Sync());
+  std::lock_guard lock(mutex_);
+  for (const auto& [path, file] : files_) VMETAFS_RETURN_IF_ERROR(file->Sync());
+  return Status::Ok();
+}
+
+Status MultiFileImage::Identity(FileIdentity* id) const {
+  VMETAFS_RETURN_IF_ERROR(primary_->Identity(id));
+  std::lock_guard lock(mutex_);
+  if (extents_.empty()) return Status::Ok();
+  // One number that moves when any file of the image moves; 0 is "not offered", so never 0.
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_64bits_reset(state);
+  XXH3_64bits_update(state, &id->change_attr, sizeof(id->change_attr));
+  Status s;
+  for (const auto& [index, file] : extents_) {
+    FileIdentity e;
+    s = file->Identity(&e);
+    if (!s.ok()) break;
+    const uint64_t fields[] = {
+        index, e.size,       static_cast<uint64_t>(e.mtime_ns), static_cast<uint64_t>(e.ctime_ns),
+        e.ino, e.change_attr};
+    XXH3_64bits_update(state, fields, sizeof(fields));
+  }
+  id->change_attr = XXH3_64bits_digest(state) | 1;
+  XXH3_freeState(state);
+  return s;
+}
+
+Status MultiFileImage::OpenExtent(uint16_t extent, const std::string& name,
+                                  const ImageFile** out) const {
+  if (extent == 0) return Status::InvalidArgument("extent 0 is the image file itself");
+  std::string path;
+  VMETAFS_RETURN_IF_ERROR(ExtentPath(path_, name, &path));
+  std::lock_guard lock(mutex_);
+  std::unique_ptr<ImageFile>& file = files_[path];
+  if (file == nullptr) {
+    Status s = open_(path, &file);
+    if (!s.ok()) {
+      files_.erase(path);
+      return s;
+    }
+  }
+  extents_[extent] = file.get();
+  *out = file.get();
+  return Status::Ok();
+}
+
+const ImageFile* MultiFileImage::Extent(uint16_t extent) const {
+  if (extent == 0) return this;
+  std::lock_guard lock(mutex_);
+  auto it = extents_.find(extent);
+  return it == extents_.end() ? nullptr : it->second;
+}
+
+Status ExtentPath(const std::string& image_path, const std::string& name, std::string* out) {
+  if (name.empty() || name.front() == '/' || name.back() == '/') {
+    return Status::InvalidArgument(
+        fmt::format("extent file name \"{}\" is empty, absolute or a directory", name));
+  }
+  for (size_t start = 0; start <= name.size();) {
+    size_t end = name.find('/', start);
+    if (end == std::string::npos) end = name.size();
+    const std::string_view part(name.data() + start, end - start);
+    if (part.empty() || part == "." || part == "..") {
+      return Status::InvalidArgument(fmt::format(
+          "extent file name \"{}\" has an empty, \".\" or \"..\" component: it must name a "
+          "file beside or below the image",
+          name));
+    }
+    start = end + 1;
+  }
+  const size_t slash = image_path.rfind('/');
+  *out = slash == std::string::npos ? name : image_path.substr(0, slash + 1) + name;
+  return Status::Ok();
 }
 
 }  // namespace vmetafs::store

@@ -6,12 +6,11 @@
 #include <unistd.h>
 
 #include <array>
+#include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-
-#include <catch2/catch.hpp>
 
 namespace vmetafs::testing {
 
@@ -116,6 +115,17 @@ uint32_t Be32At(const std::vector<uint8_t>& b, uint64_t off) {
   uint32_t v = 0;
   for (int i = 0; i < 4; ++i) v = (v << 8) | b[off + i];
   return v;
+}
+
+uint64_t Le64At(const std::vector<uint8_t>& b, uint64_t off) {
+  REQUIRE(off + 8 <= b.size());
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | b[off + i];
+  return v;
+}
+
+uint32_t Le32At(const std::vector<uint8_t>& b, uint64_t off) {
+  return static_cast<uint32_t>(Le64At(b, off) & 0xffffffffu);
 }
 
 }  // namespace vmetafs::testing

@@ -38,5 +38,8 @@ std::unique_ptr<store::ImageFile> OpenLocalImage(const std::string& path);
 // Big-endian reads of an image's own fields, to find where to poke damage.
 uint64_t Be64At(const std::vector<uint8_t>& bytes, uint64_t offset);
 uint32_t Be32At(const std::vector<uint8_t>& bytes, uint64_t offset);
+// Little-endian reads (VMDK, VHDX).
+uint64_t Le64At(const std::vector<uint8_t>& bytes, uint64_t offset);
+uint32_t Le32At(const std::vector<uint8_t>& bytes, uint64_t offset);
 
 }  // namespace vmetafs::testing

@@ -36,6 +36,9 @@ struct ParsedImage {
   std::vector<std::string> problems;
   // Informational notes that are not problems (e.g. "backing file: base.qcow2").
   std::vector<std::string> notes;
+  // Multi-file images (VMDK): the other files of the image as the primary file names them
+  // (relative to its directory); extent_files[i] holds the units with extent i + 1.
+  std::vector<std::string> extent_files;
 
   bool valid() const { return problems.empty(); }
 };

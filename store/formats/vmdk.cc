@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <sstream>
 
 #include "store/coding.h"
@@ -101,21 +102,38 @@ std::string DescriptorValue(const std::string& line, std::string_view key) {
   return v;
 }
 
-// One parse of one VMDK file: a sparse extent, or a descriptor file.
+// Extent types whose file holds a sparse header, grain directories and tables (qemu: SPARSE,
+// VMFSSPARSE); the others (FLAT, VMFS, VMFSRAW...) hold data only.
+bool IsSparseType(const std::string& type) { return type == "SPARSE" || type == "VMFSSPARSE"; }
+
+// One parse of one VMDK file: a sparse extent, or a descriptor file with the sparse extent files
+// it names (each parsed as a nested VmdkImage whose units carry its extent index).
 class VmdkImage {
  public:
-  VmdkImage(const ImageFile& file, const ParseLimits& limits, uint64_t size, ParsedImage* out)
+  VmdkImage(const ImageFile& file, const ParseLimits& limits, uint64_t size, ParsedImage* out,
+            bool nested = false)
       : file_(file),
         limits_(limits),
         size_(size),
         out_(out),
+        nested_(nested),
         units_(limits, size, &out->problems) {}
 
   Status Run();
   Status CheckGrains(std::vector<std::string>* problems) const;
 
  private:
+  // A sparse extent file of a descriptor, with its own parse.
+  struct ExtentFile {
+    uint16_t index = 0;
+    std::string name;
+    ParsedImage parsed;
+    std::unique_ptr<VmdkImage> image;
+  };
+
   Status RunDescriptorFile();
+  Status OpenExtents(std::vector<MetadataUnit>* units);
+  Status ParseExtent(uint16_t index, const ExtentLine& line, std::vector<MetadataUnit>* units);
   void ReadDescriptorText(std::string_view text, bool embedded);
   Status RunSparse(const uint8_t* first_sector);
   Status ReadFooter();
@@ -133,7 +151,10 @@ class VmdkImage {
   const ParseLimits& limits_;
   const uint64_t size_;
   ParsedImage* out_;
+  const bool nested_;  // an extent file of a descriptor: must be a sparse extent
   UnitList units_;
+  std::vector<ExtentLine> extent_lines_;              // a descriptor file's, in order
+  std::vector<std::unique_ptr<ExtentFile>> extents_;  // stable: each image points into its own
   SparseHeader header_;  // the header in effect (the footer's copy for GD_AT_END streams)
   bool gd_at_end_ = false;
   uint64_t gd_entries_ = 0, gt_bytes_ = 0;
@@ -151,6 +172,10 @@ Status VmdkImage::Run() {
   if (size_ >= kSector && std::memcmp(first, kMagic, 4) == 0) return RunSparse(first);
   if (std::string_view(reinterpret_cast<const char*>(first), std::min<uint64_t>(size_, kSector))
           .starts_with(kDescriptorStart)) {
+    if (nested_) {
+      Problem("VMDK extent file is a descriptor file, not a sparse extent");
+      return Status::Ok();
+    }
     return RunDescriptorFile();
   }
   Problem(
@@ -170,7 +195,61 @@ Status VmdkImage::RunDescriptorFile() {
   units_.Add(0, size_, UnitKind::kDescriptor, true, "VMDK descriptor");
   ReadDescriptorText(std::string_view(reinterpret_cast<const char*>(text.data()), text.size()),
                      false);
-  units_.BuildMap(&out_->map);
+  std::vector<MetadataUnit> units = units_.units();
+  VMETAFS_RETURN_IF_ERROR(OpenExtents(&units));
+  std::string problem;
+  if (!MetadataMap::Build(std::move(units), &out_->map, &problem)) {
+    Problem(problem);
+    out_->map = MetadataMap();
+  }
+  return Status::Ok();
+}
+
+// Extent files are numbered 1.. in the descriptor's order (extent 0 is the descriptor file).
+// Every file is bound, data-only ones too, so that the image's identity covers them.
+Status VmdkImage::OpenExtents(std::vector<MetadataUnit>* units) {
+  uint16_t index = 0;
+  for (const ExtentLine& line : extent_lines_) {
+    if (line.type == "ZERO" || line.name.empty()) continue;
+    if (index == UINT16_MAX) {
+      Problem(fmt::format("VMDK descriptor names more than {} extent files", UINT16_MAX - 1));
+      break;
+    }
+    VMETAFS_RETURN_IF_ERROR(ParseExtent(++index, line, units));
+  }
+  return Status::Ok();
+}
+
+Status VmdkImage::ParseExtent(uint16_t index, const ExtentLine& line,
+                              std::vector<MetadataUnit>* units) {
+  out_->extent_files.push_back(line.name);
+  const ImageFile* file = nullptr;
+  if (Status s = file_.OpenExtent(index, line.name, &file); !s.ok()) {
+    if (s.code() ==
+        Status::Code::kNotSupported) {  // bytes without a storage around them (tests, fuzzing)
+      out_->notes.push_back("extent: " + line.name);
+    } else {
+      Problem(fmt::format("VMDK extent {} (\"{}\") named by the descriptor cannot be opened: {}",
+                          index, line.name, s.ToString()));
+    }
+    return Status::Ok();
+  }
+  out_->notes.push_back("extent: " + line.name);
+  if (!IsSparseType(line.type)) return Status::Ok();
+  uint64_t size = 0;
+  VMETAFS_RETURN_IF_ERROR(file->Size(&size));
+  ExtentFile& e = *extents_.emplace_back(std::make_unique<ExtentFile>());
+  e.index = index;
+  e.name = line.name;
+  e.image = std::make_unique<VmdkImage>(*file, limits_, size, &e.parsed, true);
+  VMETAFS_RETURN_IF_ERROR(e.image->Run());
+  for (const std::string& p : e.parsed.problems) {
+    Problem(fmt::format("VMDK extent {} (\"{}\"): {}", index, line.name, p));
+  }
+  for (MetadataUnit u : e.parsed.map.units()) {
+    u.extent = index;
+    units->push_back(u);
+  }
   return Status::Ok();
 }
 
@@ -189,8 +268,7 @@ void VmdkImage::ReadDescriptorText(std::string_view text, bool embedded) {
     if (!ParseExtentLine(line, &e)) continue;
     ++extents;
     sectors += e.sectors;
-    if (!embedded && e.type != "ZERO" && !e.name.empty())
-      out_->notes.push_back("extent: " + e.name);
+    if (!embedded) extent_lines_.push_back(std::move(e));
   }
   if (!embedded) {
     out_->virtual_size = sectors * kSector;
@@ -408,6 +486,14 @@ uint64_t VmdkImage::BadGrains(const std::vector<uint8_t>& gt, uint64_t table, ui
 }
 
 Status VmdkImage::CheckGrains(std::vector<std::string>* problems) const {
+  for (const std::unique_ptr<ExtentFile>& e : extents_) {
+    if (!e->parsed.valid()) continue;
+    std::vector<std::string> found;
+    VMETAFS_RETURN_IF_ERROR(e->image->CheckGrains(&found));
+    for (const std::string& p : found) {
+      problems->push_back(fmt::format("VMDK extent {} (\"{}\"): {}", e->index, e->name, p));
+    }
+  }
   if (gd_.size() * header_.gtes_per_gt * sizeof(ClaimedRange) > limits_.max_check_memory) {
     problems->push_back("VMDK grain tables are too large to check within the memory limit");
     return Status::Ok();

@@ -7,9 +7,12 @@
 // directory, every grain table of either, and for streams whose grain directory is at the end
 // (gdOffset = GD_AT_END) the footer (a header copy at end - 1024) with its marker, the
 // end-of-stream marker and the grain directory / grain table markers. A descriptor file
-// ("# Disk DescriptorFile": monolithicFlat, twoGbMaxExtent*, vmfs...) is one descriptor unit; the
-// extent files it names go to ParsedImage::notes as "extent: NAME", and each sparse extent file
-// parses on its own.
+// ("# Disk DescriptorFile": monolithicFlat, twoGbMaxExtent*, vmfs...) is one descriptor unit, and
+// the image: the extent files it names are opened through ImageFile::OpenExtent (numbered 1.. in
+// the descriptor's order, in ParsedImage::extent_files and the notes as "extent: NAME"), and the
+// units of each sparse extent file (as above) are units of the image with that extent index. An
+// extent file that cannot be opened is a problem; a file with no storage around it (memory)
+// notes the extents only. Check() checks every sparse extent's grains.
 #pragma once
 
 #include "store/formats/format.h"
