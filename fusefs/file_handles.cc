@@ -23,17 +23,28 @@ Status Filesystem::OpenHandle(const std::shared_ptr<Inode>& node, int flags, Fil
   return Attach(node, std::move(file), flags, out);
 }
 
-// The store gets its own buffered handle: it reads and restores metadata at any offset and must
-// be able to write even when the client opened read-only (qemu-img info, check).
-Status Filesystem::FirstOpen(const std::string& path,
-                             std::shared_ptr<store::ProtectedImage>* image) {
+// The store gets its own buffered handles: it reads and restores metadata at any offset and must
+// be able to write even when the client opened read-only (qemu-img info, check). The other files
+// of a multi-file image (VMDK extents) are opened the same way when the image names them.
+Status Filesystem::OwnHandle(const std::string& path, std::unique_ptr<store::ImageFile>* out) {
   std::unique_ptr<backend::File> own;
   Status st = backend_->Open(path, O_RDWR, 0, &own);
   if (st.Errno() == EROFS || st.Errno() == EACCES || st.Errno() == EPERM) {
     st = backend_->Open(path, O_RDONLY, 0, &own);
   }
   VMETAFS_RETURN_IF_ERROR(st);
-  return protector_->OpenFirst(path, std::move(own), image);  // it logs its decision
+  *out = std::move(own);
+  return Status::Ok();
+}
+
+Status Filesystem::FirstOpen(const std::string& path,
+                             std::shared_ptr<store::ProtectedImage>* image) {
+  std::unique_ptr<store::ImageFile> own;
+  VMETAFS_RETURN_IF_ERROR(OwnHandle(path, &own));
+  auto files = std::make_unique<store::MultiFileImage>(
+      std::move(own), path,
+      [this](const std::string& extent, auto* out) { return OwnHandle(extent, out); });
+  return protector_->OpenFirst(path, std::move(files), image);  // it logs its decision
 }
 
 Status Filesystem::Attach(const std::shared_ptr<Inode>& node, std::unique_ptr<backend::File> file,

@@ -126,6 +126,7 @@ class Filesystem {
   Status OpenHandle(const std::shared_ptr<Inode>& node, int flags, FileHandle** out);
   Status Attach(const std::shared_ptr<Inode>& node, std::unique_ptr<backend::File> file, int flags,
                 FileHandle** out);
+  Status OwnHandle(const std::string& path, std::unique_ptr<store::ImageFile>* out);
   Status FirstOpen(const std::string& path, std::shared_ptr<store::ProtectedImage>* image);
   void CloseHandle(FileHandle* fh);
   Status StatOpen(Inode& node, struct stat* st);

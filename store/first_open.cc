@@ -19,8 +19,10 @@ std::string FirstProblems(const std::vector<std::string>& problems) {
   return out;
 }
 
-// Publishes `map` for the write path and marks the image protected.
-Status Protect(ProtectedImage::State& st, const ImageRecord& record, MetadataMap map) {
+// Publishes the parsed map for the write path and marks the image protected.
+Status Protect(ProtectedImage::State& st, const ImageRecord& record, ParsedImage parsed) {
+  MetadataMap map = std::move(parsed.map);
+  st.extent_files = std::move(parsed.extent_files);
   st.image_id = record.id;
   st.flush_epoch = record.flush_epoch;
   uint64_t size = 0;
@@ -69,7 +71,7 @@ static Status Baseline(ProtectedImage::State& st, ImageRecord* record, ParsedIma
   VMETAFS_RETURN_IF_ERROR(RecordEvent(journal, *record, Action::kBaseline, {}, detail));
   VMETAFS_RETURN_IF_ERROR(journal.Sync());
   if (decision) *decision = OpenDecision{true, true, Action::kBaseline, {}, detail};
-  return Protect(st, *record, std::move(parsed.map));
+  return Protect(st, *record, std::move(parsed));
 }
 
 Status ProtectedImage::FirstOpen(OpenDecision* decision) {
@@ -187,7 +189,7 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
     r->last_check_ns = NowNs();
   }));
   VMETAFS_RETURN_IF_ERROR(journal.Sync());
-  return Protect(st, record, std::move(v.storage.map));
+  return Protect(st, record, std::move(v.storage));
 }
 
 void ProtectedImage::MaybeBecomeImage() {
@@ -215,6 +217,7 @@ void ProtectedImage::MaybeBecomeImage() {
   s = journal.FindImage(st.path, &record);
   if (s.IsNotFound()) s = journal.CreateImage(st.path, &record);
   if (s.ok()) s = Baseline(st, &record, std::move(parsed), "created through the mount", nullptr);
+  if (s.ok()) BindExtents();
   if (!s.ok()) {
     spdlog::error("{}: could not baseline the new image: {}", st.path, s.ToString());
     st.mode.store(Mode::kUnprotected);

@@ -188,7 +188,7 @@ Status CheckView(const ImageRecord& image, const ImageFile& file, const ParseLim
     journaled.emplace(UnitKey{c.unit.extent, c.unit.offset}, &c);
     if (c.choice != VersionChoice::Choice::kWrite) continue;
     const std::string& b = c.chosen.content;
-    overlay.Add(c.chosen.unit.offset,
+    overlay.Add(c.chosen.unit.extent, c.chosen.unit.offset,
                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size()));
   }
   const FormatParser* parser = FormatByName(image.format);

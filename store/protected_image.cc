@@ -71,10 +71,11 @@ Status CurrentVersion(const ProtectedImage::State& st, const MetadataUnit& u, Un
   *out = UnitVersion{};
   out->unit = u;
   out->content.assign(u.length, '\0');
+  const ImageFile* file = st.file->Extent(u.extent);
   uint64_t size = 0;
-  VMETAFS_RETURN_IF_ERROR(st.file->Size(&size));
+  if (file != nullptr) VMETAFS_RETURN_IF_ERROR(file->Size(&size));
   if (u.offset < size) {  // the part inside the file; the rest reads as zeros
-    VMETAFS_RETURN_IF_ERROR(st.file->ReadAt(
+    VMETAFS_RETURN_IF_ERROR(file->ReadAt(
         u.offset, {reinterpret_cast<uint8_t*>(out->content.data()),
                    static_cast<size_t>(std::min<uint64_t>(u.length, size - u.offset))}));
   }
@@ -95,16 +96,30 @@ ProtectedImage::ProtectedImage(Protector* protector, std::string path,
 
 ProtectedImage::~ProtectedImage() = default;
 
-bool ProtectedImage::is_image() const { return state_->mode.load() != Mode::kPlain; }
-bool ProtectedImage::is_protected() const { return state_->mode.load() == Mode::kProtected; }
+bool ProtectedImage::is_image() const {
+  if (state_->image_of_extent) return state_->image_of_extent->is_image();
+  return state_->mode.load() != Mode::kPlain;
+}
+bool ProtectedImage::is_protected() const {
+  if (state_->image_of_extent) return state_->image_of_extent->is_protected();
+  return state_->mode.load() == Mode::kProtected;
+}
 
 Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write) {
+  if (State& st = *state_; st.image_of_extent) {
+    return st.image_of_extent->WriteExtent(st.extent, offset, data, write);
+  }
+  return WriteExtent(0, offset, data, write);
+}
+
+Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
+                                   const IoFn& write) {
   State& st = *state_;
   const Mode mode = st.mode.load(std::memory_order_acquire);
   if (mode == Mode::kUnprotected) {
     // A map is left only where the journal failed under the image: count what it misses.
     std::shared_ptr<const MetadataMap> map = st.map.load(std::memory_order_acquire);
-    if (map && !map->Touching(0, offset, data.size()).empty()) {
+    if (map && !map->Touching(extent, offset, data.size()).empty()) {
       st.protector->unprotected_writes_.fetch_add(1);
     }
     return write();
@@ -119,15 +134,17 @@ Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, con
     return s;
   }
   std::shared_ptr<const MetadataMap> map = st.map.load(std::memory_order_acquire);
-  const bool grows = offset + data.size() > st.known_size.load(std::memory_order_relaxed);
-  if (map && map->Touching(0, offset, data.size()).empty() &&
+  // known_size is the image file's: extent files (sparse) grow without moving the map.
+  const bool grows =
+      extent == 0 && offset + data.size() > st.known_size.load(std::memory_order_relaxed);
+  if (map && map->Touching(extent, offset, data.size()).empty() &&
       !(grows && st.parser->MapDependsOnFileSize()) && !st.remap_pending) {
     return write();
   }
   std::lock_guard<std::mutex> lock(st.meta_mutex);
   if (st.mode.load() != Mode::kProtected) return write();
   bool moved = false;
-  Status j = JournalWrite(offset, data, &moved);
+  Status j = JournalWrite(extent, offset, data, &moved);
   if (!j.ok()) {
     VMETAFS_RETURN_IF_ERROR(Degrade(j));
     return write();
@@ -140,12 +157,12 @@ Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, con
   return s;
 }
 
-Status ProtectedImage::JournalWrite(uint64_t offset, std::span<const uint8_t> data,
+Status ProtectedImage::JournalWrite(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
                                     bool* map_moved) {
   State& st = *state_;
   Journal& journal = st.protector->journal();
   std::shared_ptr<const MetadataMap> map = st.map.load();
-  std::span<const MetadataUnit> touched = map->Touching(0, offset, data.size());
+  std::span<const MetadataUnit> touched = map->Touching(extent, offset, data.size());
   if (touched.empty()) return Status::Ok();
   JournalBatch batch;
   bool pointers = false;
@@ -175,7 +192,7 @@ Status ProtectedImage::JournalWrite(uint64_t offset, std::span<const uint8_t> da
     // Derive the map this write will produce; tables it now points to were written before the
     // pointer (qemu's order) and are captured from the storage now.
     OverlayImageFile after(*st.file);
-    after.Add(offset, data);
+    after.Add(extent, offset, data);
     ParsedImage parsed;
     VMETAFS_RETURN_IF_ERROR(st.parser->Parse(after, st.protector->options().limits, &parsed));
     if (!parsed.valid()) {
@@ -220,10 +237,17 @@ Status ProtectedImage::Remap() {
 }
 
 Status ProtectedImage::Truncate(uint64_t new_size, const IoFn& truncate) {
+  if (State& st = *state_; st.image_of_extent) {
+    return st.image_of_extent->TruncateExtent(st.extent, new_size, truncate);
+  }
+  return TruncateExtent(0, new_size, truncate);
+}
+
+Status ProtectedImage::TruncateExtent(uint16_t extent, uint64_t new_size, const IoFn& truncate) {
   State& st = *state_;
   if (st.mode.load() != Mode::kProtected) {
     Status s = truncate();
-    if (s.ok() && st.mode.load() == Mode::kPlain && new_size == 0) {
+    if (s.ok() && st.mode.load() == Mode::kPlain && new_size == 0 && extent == 0) {
       std::lock_guard<std::mutex> lock(st.meta_mutex);
       st.probe_attempts = 0;  // a new file takes shape
     }
@@ -236,20 +260,28 @@ Status ProtectedImage::Truncate(uint64_t new_size, const IoFn& truncate) {
 }
 
 Status ProtectedImage::Discard(uint64_t offset, uint64_t length, const IoFn& discard) {
+  if (State& st = *state_; st.image_of_extent) {
+    return st.image_of_extent->DiscardExtent(st.extent, offset, length, discard);
+  }
+  return DiscardExtent(0, offset, length, discard);
+}
+
+Status ProtectedImage::DiscardExtent(uint16_t extent, uint64_t offset, uint64_t length,
+                                     const IoFn& discard) {
   State& st = *state_;
   std::shared_ptr<const MetadataMap> map = st.map.load();
-  if (st.mode.load() != Mode::kProtected || !map || map->Touching(0, offset, length).empty()) {
+  if (st.mode.load() != Mode::kProtected || !map || map->Touching(extent, offset, length).empty()) {
     return discard();
   }
   // A hole punched over live metadata reads back as zeros: journal it as a write of zeros.
   std::lock_guard<std::mutex> lock(st.meta_mutex);
-  std::span<const MetadataUnit> touched = st.map.load()->Touching(0, offset, length);
+  std::span<const MetadataUnit> touched = st.map.load()->Touching(extent, offset, length);
   if (!touched.empty()) {
     const uint64_t lo = std::max(offset, touched.front().offset);
     const uint64_t hi = std::min(offset + length, touched.back().end());
     std::vector<uint8_t> zeros(hi - lo, 0);
     bool moved = false;
-    Status j = JournalWrite(lo, zeros, &moved);
+    Status j = JournalWrite(extent, lo, zeros, &moved);
     if (!j.ok()) VMETAFS_RETURN_IF_ERROR(Degrade(j));
   }
   return discard();
@@ -257,6 +289,8 @@ Status ProtectedImage::Discard(uint64_t offset, uint64_t length, const IoFn& dis
 
 Status ProtectedImage::Flush(const IoFn& fsync) {
   State& st = *state_;
+  // An extent file's flush is its image's: the image's journal is made durable before it.
+  if (st.image_of_extent) return st.image_of_extent->Flush(fsync);
   const uint64_t gen = st.write_gen.load();
   Journal& journal = st.protector->journal();
   // Write-ahead across a power loss too: what the storage's fsync makes durable must be durable
@@ -285,6 +319,7 @@ Status ProtectedImage::Flush(const IoFn& fsync) {
 
 void ProtectedImage::PatchRead(uint64_t offset, std::span<uint8_t> buf) const {
   const State& st = *state_;
+  // Only the image file's units are served (extent files: not yet).
   if (!st.serving.load(std::memory_order_acquire)) return;
   const uint64_t end = offset + buf.size();
   for (const auto& [unit_offset, bytes] : st.served) {
@@ -297,6 +332,8 @@ void ProtectedImage::PatchRead(uint64_t offset, std::span<uint8_t> buf) const {
 
 Status ProtectedImage::Release() {
   State& st = *state_;
+  if (st.image_of_extent) return Status::Ok();  // the image records its files at its own close
+  UnbindExtents();
   if (st.mode.load() == Mode::kPlain && st.next_probe_end.load() != 0) MaybeBecomeImage();
   std::lock_guard<std::mutex> lock(st.meta_mutex);
   if (st.image_id == 0) return Status::Ok();
@@ -315,6 +352,43 @@ Status ProtectedImage::Release() {
   if (!s.ok())
     spdlog::error("{}: could not record the close in the journal: {}", st.path, s.ToString());
   return s;
+}
+
+void ProtectedImage::BindExtents() {
+  State& st = *state_;
+  Protector& p = *st.protector;
+  if (st.mode.load() != Mode::kProtected) return;
+  const std::vector<std::string>& names = st.extent_files;
+  for (size_t i = 0; i < names.size(); ++i) {
+    std::string path;
+    if (!ExtentPath(st.path, names[i], &path).ok()) continue;  // the parse reported it
+    {
+      std::lock_guard<std::mutex> lock(p.extents_mutex_);
+      p.extent_files_[path] = {weak_from_this(), static_cast<uint16_t>(i + 1)};
+    }
+    // Born through the mount before its descriptor (qemu-img create writes the extents first),
+    // an extent file was journaled as an image of its own: it is this image's now.
+    std::lock_guard<std::mutex> lock(p.records_mutex_);
+    ImageRecord own;
+    if (p.journal_->FindImage(path, &own).ok() && own.id != st.image_id) {
+      Status s = p.journal_->DeleteImage(own.id);
+      if (s.ok()) {
+        spdlog::info("{}: now journaled as extent {} of {}", path, i + 1, st.path);
+      } else {
+        spdlog::error("{}: extent {} of {}, but its own journal could not be dropped: {}", path,
+                      i + 1, st.path, s.ToString());
+      }
+    }
+  }
+}
+
+void ProtectedImage::UnbindExtents() {
+  Protector& p = *state_->protector;
+  std::lock_guard<std::mutex> lock(p.extents_mutex_);
+  std::erase_if(p.extent_files_, [this](const auto& entry) {
+    std::shared_ptr<ProtectedImage> image = entry.second.first.lock();
+    return image == nullptr || image.get() == this;
+  });
 }
 
 Status ProtectedImage::Degrade(const Status& journal_error) {

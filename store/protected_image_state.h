@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "store/protector.h"
 
@@ -28,9 +29,10 @@ struct ProtectedImage::State {
   std::string path;       // for log lines and events
   uint64_t image_id = 0;  // 0 until the image has a journal record
   const FormatParser* parser = nullptr;
-  uint64_t flush_epoch = 0;     // mirror of the record's flush_epoch
-  bool dirty = false;           // metadata journaled since the last completed flush
-  uint32_t probe_attempts = 0;  // plain mode: parses tried while the file takes shape
+  std::vector<std::string> extent_files;  // ParsedImage::extent_files when last protected
+  uint64_t flush_epoch = 0;               // mirror of the record's flush_epoch
+  bool dirty = false;                     // metadata journaled since the last completed flush
+  uint32_t probe_attempts = 0;            // plain mode: parses tried while the file takes shape
 
   // Read without the lock on the write path.
   std::atomic<Mode> mode{Mode::kPlain};
@@ -42,6 +44,11 @@ struct ProtectedImage::State {
   // image copied in sequentially). A write reaching this offset, a flush or the last close probes
   // again; 0 when the file does not look like an image.
   std::atomic<uint64_t> next_probe_end{0};
+
+  // Set for the ProtectedImage of an extent file: every operation goes to the image's, with
+  // `extent`; nothing else in this State is used.
+  std::shared_ptr<ProtectedImage> image_of_extent;
+  uint16_t extent = 0;
 
   // Units a restore could not write back, served from memory; set once, before publication.
   std::atomic<bool> serving{false};

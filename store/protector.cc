@@ -24,10 +24,31 @@ Status Protector::Open(const ProtectorOptions& options, std::unique_ptr<Protecto
 
 Status Protector::OpenFirst(const std::string& path, std::unique_ptr<ImageFile> file,
                             std::shared_ptr<ProtectedImage>* out, OpenDecision* decision) {
+  if (std::shared_ptr<ProtectedImage> extent = OpenExtentOf(path)) {
+    // Verified with its image: its writes are journaled there.
+    if (decision) *decision = OpenDecision{true, false, Action::kVerified, {}, {}};
+    *out = std::move(extent);
+    return Status::Ok();
+  }
   std::shared_ptr<ProtectedImage> image(new ProtectedImage(this, path, std::move(file)));
   VMETAFS_RETURN_IF_ERROR(image->FirstOpen(decision));
+  image->BindExtents();
   *out = std::move(image);
   return Status::Ok();
+}
+
+std::shared_ptr<ProtectedImage> Protector::OpenExtentOf(const std::string& path) {
+  std::lock_guard<std::mutex> lock(extents_mutex_);
+  auto it = extent_files_.find(path);
+  if (it == extent_files_.end()) return nullptr;
+  std::shared_ptr<ProtectedImage> image = it->second.first.lock();
+  if (image == nullptr) return nullptr;
+  std::shared_ptr<ProtectedImage> extent(new ProtectedImage(this, path, nullptr));
+  extent->state_->image_of_extent = std::move(image);
+  extent->state_->extent = it->second.second;
+  spdlog::debug("{}: opened as extent {} of {}", path, extent->state_->extent,
+                extent->state_->image_of_extent->state_->path);
+  return extent;
 }
 
 Status Protector::UpdateImage(uint64_t id, const std::function<void(ImageRecord*)>& change) {

@@ -57,6 +57,9 @@ class Protector {
   Status OpenFirst(const std::string& path, std::unique_ptr<ImageFile> file,
                    std::shared_ptr<ProtectedImage>* out, OpenDecision* decision = nullptr);
 
+  // A file of a multi-file image (a VMDK extent) opened while its image is open: OpenFirst returns
+  // a ProtectedImage that journals its writes under the image, with the extent's index.
+
   // Namespace changes made through the mount; `from`/`to` may be directories (prefix rename).
   void Renamed(const std::string& from, const std::string& to);
   // The file's last name is gone: its journal is dropped (events stay for history).
@@ -88,11 +91,16 @@ class Protector {
 
   std::mutex records_mutex_;  // guards read-modify-write of image records, and degraded_
   std::map<uint64_t, std::string> degraded_;
+  // Extent files of the open multi-file images, by path: (the image, extent index). A leaf lock.
+  std::mutex extents_mutex_;
+  std::map<std::string, std::pair<std::weak_ptr<ProtectedImage>, uint16_t>> extent_files_;
+  // The ProtectedImage for an extent file of an open image, or null when `path` is none.
+  std::shared_ptr<ProtectedImage> OpenExtentOf(const std::string& path);
   std::atomic<bool> closed_{false};
   std::atomic<uint64_t> unprotected_writes_{0};
 };
 
-class ProtectedImage {
+class ProtectedImage : public std::enable_shared_from_this<ProtectedImage> {
  public:
   using IoFn = std::function<Status()>;
   ~ProtectedImage();
@@ -127,11 +135,23 @@ class ProtectedImage {
   Status FirstOpen(OpenDecision* decision);
   // The decision for an image the journal knows.
   Status Decide(ImageRecord record, OpenDecision* decision);
-  // Journals the units a write touches and, for pointer units, the map's movement. Called with
-  // meta_mutex held; `map` is the map the write was checked against.
-  Status JournalWrite(uint64_t offset, std::span<const uint8_t> data, bool* map_moved);
+  // Journals the units a write to `extent` touches and, for pointer units, the map's movement.
+  // Called with meta_mutex held.
+  Status JournalWrite(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
+                      bool* map_moved);
   // Re-derives the map from the storage after the file changed shape (truncate, growth).
   Status Remap();
+  // The operations on the file holding `extent` (0: the image file itself; others: the extent
+  // files of a multi-file image, reached through their own ProtectedImage).
+  Status WriteExtent(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
+                     const IoFn& write);
+  Status DiscardExtent(uint16_t extent, uint64_t offset, uint64_t length, const IoFn& discard);
+  Status TruncateExtent(uint16_t extent, uint64_t new_size, const IoFn& truncate);
+  // The image is protected with extent files (State::extent_files): their opens through the
+  // mount join this image, and journal records they had as images of their own go. Called with
+  // meta_mutex held, or before the image is shared.
+  void BindExtents();
+  void UnbindExtents();
   // A plain file that may have become an image: probe, and baseline when valid.
   void MaybeBecomeImage();
   // The journal failed: continue unprotected (default) or return the error to the guest.

@@ -45,6 +45,21 @@ std::string DescribeUnits(const std::vector<MetadataUnit>& units) {
   return out.empty() ? "none" : out;
 }
 
+// ", in extent file NAME (extent N), ..." for the units of other files of a multi-file image.
+std::string DescribeExtents(const std::vector<MetadataUnit>& units, const Verification& v) {
+  std::map<uint16_t, size_t> by_extent;
+  for (const MetadataUnit& u : units) {
+    if (u.extent != 0) ++by_extent[u.extent];
+  }
+  std::string out;
+  for (const auto& [extent, n] : by_extent) {
+    const auto& names = v.storage.extent_files;
+    out += fmt::format("{} {} in extent file {} (extent {})", out.empty() ? ";" : ",", n,
+                       extent <= names.size() ? names[extent - 1] : std::string("?"), extent);
+  }
+  return out;
+}
+
 std::string JoinProblems(const std::vector<std::string>& problems) {
   std::string out;
   for (size_t i = 0; i < problems.size() && i < 3; ++i) {
@@ -86,24 +101,28 @@ std::string_view UnitResultName(UnitCheck::Result r) {
 Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
                  const ProgressFn& progress,
                  const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn) {
-  uint64_t size = 0;
-  VMETAFS_RETURN_IF_ERROR(file.Size(&size));
   uint64_t total = 0, done = 0;
   for (const MetadataUnit& u : units) total += u.length;
   std::vector<uint8_t> buf;
+  const ImageFile* extent = nullptr;
+  uint64_t size = 0;
   size_t i = 0;
   while (i < units.size()) {
-    if (units[i].extent != 0) {  // another file of a multi-file image: not reachable here
+    if (extent == nullptr || units[i].extent != units[i - 1].extent) {
+      extent = file.Extent(units[i].extent);
+      if (extent != nullptr) VMETAFS_RETURN_IF_ERROR(extent->Size(&size));
+    }
+    if (extent == nullptr) {  // a file of a multi-file image this ImageFile does not reach
       VMETAFS_RETURN_IF_ERROR(fn(units[i], {}));
       done += units[i].length;
       ++i;
       continue;
     }
-    // A run of adjacent units, up to kMaxReadRun bytes, read at once.
+    // A run of adjacent units of one file, up to kMaxReadRun bytes, read at once.
     size_t j = i + 1;
     const uint64_t start = units[i].offset;
-    while (j < units.size() && units[j].extent == 0 && units[j].offset == units[j - 1].end() &&
-           units[j].end() - start <= kMaxReadRun) {
+    while (j < units.size() && units[j].extent == units[i].extent &&
+           units[j].offset == units[j - 1].end() && units[j].end() - start <= kMaxReadRun) {
       ++j;
     }
     // Bytes past the end of the file read as zeros, as qemu reads them: a table in a last,
@@ -111,7 +130,7 @@ Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
     buf.assign(units[j - 1].end() - start, 0);
     if (start < size) {
       const uint64_t present = std::min<uint64_t>(buf.size(), size - start);
-      VMETAFS_RETURN_IF_ERROR(file.ReadAt(start, std::span<uint8_t>(buf).first(present)));
+      VMETAFS_RETURN_IF_ERROR(extent->ReadAt(start, std::span<uint8_t>(buf).first(present)));
     }
     for (size_t k = i; k < j; ++k) {
       VMETAFS_RETURN_IF_ERROR(fn(units[k], std::span<const uint8_t>(buf).subspan(
@@ -124,10 +143,39 @@ Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
   return Status::Ok();
 }
 
+namespace {
+
+// Converted in place outside the mount (qemu-img convert to another format under the same name):
+// the storage is judged as what it is now. Only a change from outside may change the format; a
+// damaged header that happens to look like another format is judged as the journal's format.
+Status JudgeConvertedFormat(const ImageFile& file, const ParseLimits& limits, Verification* v) {
+  if (!v->changed_outside || v->parser == nullptr || v->parser->Probe(file)) return Status::Ok();
+  const FormatParser* now = DetectFormat(file);
+  if (now == nullptr || now == v->parser) return Status::Ok();
+  ParsedImage parsed;
+  VMETAFS_RETURN_IF_ERROR(now->Parse(file, limits, &parsed));
+  if (!parsed.valid()) return Status::Ok();
+  v->change_reason +=
+      fmt::format(" and it is a {} image now, no longer {}", now->Name(), v->parser->Name());
+  v->parser = now;
+  v->storage = std::move(parsed);
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile& file,
               const ParseLimits& limits, const ProgressFn& progress, Verification* out) {
   *out = Verification{};
   out->image = image;
+  out->parser = FormatByName(image.format);
+  if (out->parser == nullptr) out->parser = DetectFormat(file);
+  if (out->parser == nullptr) {
+    out->storage.problems.push_back("the file is not recognised as any image format");
+  } else {
+    VMETAFS_RETURN_IF_ERROR(out->parser->Parse(file, limits, &out->storage));
+  }
+  // After the parse: the identity of a multi-file image covers the extent files it bound.
   VMETAFS_RETURN_IF_ERROR(file.Identity(&out->identity));
   if (image.in_use) {
     out->changed_outside = true;
@@ -136,14 +184,7 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
     out->change_reason = IdentityChange(image.identity, out->identity);
     out->changed_outside = !out->change_reason.empty();
   }
-
-  out->parser = FormatByName(image.format);
-  if (out->parser == nullptr) out->parser = DetectFormat(file);
-  if (out->parser == nullptr) {
-    out->storage.problems.push_back("the file is not recognised as any image format");
-  } else {
-    VMETAFS_RETURN_IF_ERROR(out->parser->Parse(file, limits, &out->storage));
-  }
+  VMETAFS_RETURN_IF_ERROR(JudgeConvertedFormat(file, limits, out));
 
   std::vector<MetadataUnit> units;
   VMETAFS_RETURN_IF_ERROR(journal.ForEachUnit(image.id, false, [&](const UnitVersion& v) {
@@ -151,8 +192,6 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
     units.push_back(v.unit);
     return Status::Ok();
   }));
-  uint64_t size = 0;
-  VMETAFS_RETURN_IF_ERROR(file.Size(&size));
   size_t next = 0;
   return ReadUnits(
       file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
@@ -169,7 +208,10 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
         } else if (legitimate) {
           c.result = UnitCheck::Result::kPendingOld;
         } else {
-          c.result = u.end() > size ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
+          const ImageFile* extent = file.Extent(u.extent);
+          uint64_t size = 0;
+          const bool past_end = extent == nullptr || !extent->Size(&size).ok() || u.end() > size;
+          c.result = past_end ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
           ++out->differing;
         }
         return Status::Ok();
@@ -193,7 +235,7 @@ Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImag
       continue;
     UnitVersion full;
     VMETAFS_RETURN_IF_ERROR(journal.GetUnit(v.image.id, c.journaled.unit, &full));
-    overlay->Add(full.unit.offset,
+    overlay->Add(full.unit.extent, full.unit.offset,
                  std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
                                           full.content.size()));
   }
@@ -207,14 +249,17 @@ Status JournalView(const Journal& journal, const ImageFile& file, const ParseLim
                    std::vector<std::string>* problems) {
   OverlayImageFile overlay(file);
   VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, v, &overlay));
-  if (v.parser == nullptr) {
+  // The journal's view is in the journal's format, even when the storage was converted since.
+  const FormatParser* parser = FormatByName(v.image.format);
+  if (parser == nullptr) parser = v.parser;
+  if (parser == nullptr) {
     problems->push_back("the journal does not name a known format");
     return Status::Ok();
   }
-  VMETAFS_RETURN_IF_ERROR(v.parser->Parse(overlay, limits, view));
+  VMETAFS_RETURN_IF_ERROR(parser->Parse(overlay, limits, view));
   *problems = view->problems;
   if (deep && view->valid())
-    VMETAFS_RETURN_IF_ERROR(v.parser->Check(overlay, *view, limits, problems));
+    VMETAFS_RETURN_IF_ERROR(parser->Check(overlay, *view, limits, problems));
   return Status::Ok();
 }
 
@@ -251,8 +296,9 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
     plan->detail = fmt::format("{} units match the journal", v->units.size());
     return Status::Ok();
   }
-  const std::string what = fmt::format("{} of {} units differ from the journal ({})",
-                                       differing.size(), v->units.size(), DescribeUnits(differing));
+  const std::string what =
+      fmt::format("{} of {} units differ from the journal ({}{})", differing.size(),
+                  v->units.size(), DescribeUnits(differing), DescribeExtents(differing, *v));
   if (v->changed_outside) {
     // After an unclean stop the storage may be newer than the journal (unsynced journal, kept
     // storage writes) with the leaks of an allocation in flight: qemu accepts those, and so
@@ -370,7 +416,13 @@ Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& fi
   Status write_status;
   for (const QuarantinedUnit& c : contents) {
     if (!write_status.ok()) break;
-    write_status = file.WriteAt(
+    ImageFile* extent = file.MutableExtent(c.unit.extent);
+    if (extent == nullptr) {
+      write_status =
+          Status::NotFound(fmt::format("extent {} of the image is not open", c.unit.extent));
+      break;
+    }
+    write_status = extent->WriteAt(
         c.unit.offset,
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.bytes.data()), c.bytes.size()));
   }

@@ -112,8 +112,8 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
                    const std::vector<QuarantinedUnit>& quarantine = {});
 
 // Reads the listed units from `file` in large coalesced reads and calls `fn` per unit with its
-// bytes. Bytes past the end of the file read as zeros. Units of another extent (a file this
-// ImageFile is not) are reported with an empty span.
+// bytes. Bytes past the end of the file read as zeros. Units of another extent are read from
+// file.Extent(extent); those of an extent it has not bound are reported with an empty span.
 Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
                  const ProgressFn& progress,
                  const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn);

@@ -38,6 +38,19 @@ backend::Backend* BackingOrWarn(Session& s) {
   return st.ok() ? b : nullptr;
 }
 
+// The other files of a multi-file image (VMDK extents), as its file names them now; empty for a
+// single-file image or when the image cannot be read.
+std::vector<std::string> ExtentFilesOf(Session& s, const store::ImageRecord& r) {
+  const store::FormatParser* parser = store::FormatByName(r.format);
+  if (parser == nullptr || r.format != "vmdk") return {};
+  std::unique_ptr<store::ImageFile> file;
+  store::ParsedImage parsed;
+  if (!s.OpenImage(r.path, false, &file).ok() || !parser->Parse(*file, s.limits(), &parsed).ok()) {
+    return {};
+  }
+  return parsed.extent_files;
+}
+
 }  // namespace
 
 int ListCommand(const GlobalOptions& g) {
@@ -60,6 +73,8 @@ int ListCommand(const GlobalOptions& g) {
     if (!why.empty()) Warn(r.path + ": " + why);
     std::string protection = ProtectionText(r);
     if (presence == Presence::kMissing) protection += "; MISSING from the backing (see gc)";
+    const std::vector<std::string> extents =
+        presence == Presence::kPresent ? ExtentFilesOf(*s, r) : std::vector<std::string>{};
     if (g.json) {
       out.push_back(
           {{"image", r.path},
@@ -76,11 +91,15 @@ int ListCommand(const GlobalOptions& g) {
             r.protection == store::Protection::kProtected ? "protected" : "unprotected"},
            {"unprotected_reason", r.unprotected_reason},
            {"in_use", r.in_use},
+           {"extent_files", extents},
            {"on_backing", presence == Presence::kUnknown ? Json(nullptr)
                                                          : Json(presence == Presence::kPresent)}});
       continue;
     }
-    table.Row({r.path, r.format.empty() ? "-" : r.format, HumanBytes(r.virtual_size),
+    std::string name = r.path;
+    for (size_t i = 0; i < extents.size(); ++i) name += (i ? ", " : " (extents: ") + extents[i];
+    if (!extents.empty()) name += ")";
+    table.Row({name, r.format.empty() ? "-" : r.format, HumanBytes(r.virtual_size),
                std::to_string(usage.units), HumanBytes(usage.bytes), std::to_string(r.last_seq),
                r.last_check_ns == 0 ? "-" : TimeOrDash(r.last_check_ns) + " " + r.last_check,
                protection});

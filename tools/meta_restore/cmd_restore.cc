@@ -20,7 +20,7 @@ using store::Action;
 struct Target {
   std::unique_ptr<Session> session;
   store::ImageRecord record;
-  std::unique_ptr<backend::File> file;
+  std::unique_ptr<store::ImageFile> file;
 };
 
 Status OpenTarget(const GlobalOptions& g, const RestoreOptions& o, Target* t) {

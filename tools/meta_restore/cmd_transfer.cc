@@ -17,7 +17,7 @@ namespace {
 // then the import takes what this backing says, so the next open does not see an outside change.
 void AdoptIdentityOfSameFile(Session& s, const store::ImageRecord& record, bool* present) {
   *present = false;
-  std::unique_ptr<backend::File> file;
+  std::unique_ptr<store::ImageFile> file;
   Status st = s.OpenImage(record.path, false, &file);
   if (!st.ok()) {
     Warn(

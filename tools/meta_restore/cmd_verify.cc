@@ -22,7 +22,7 @@ void VerifyOne(Session& s, const std::string& arg, Progress& progress, Json* out
   };
   store::ImageRecord record;
   if (Status st = s.FindImage(path, &record); !st.ok()) return error(st);
-  std::unique_ptr<backend::File> file;
+  std::unique_ptr<store::ImageFile> file;
   if (Status st = s.OpenImage(path, false, &file); !st.ok()) return error(st);
   store::OfflineDecision d;
   Status st = store::PlanDecision(s.journal(), record, *file, s.limits(),

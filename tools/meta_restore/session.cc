@@ -166,12 +166,23 @@ Status Session::FindImage(const std::string& path, store::ImageRecord* out) cons
 }
 
 Status Session::OpenImage(const std::string& path, bool write,
-                          std::unique_ptr<backend::File>* out) {
+                          std::unique_ptr<store::ImageFile>* out) {
   backend::Backend* b = nullptr;
   VMETAFS_RETURN_IF_ERROR(Backing(&b));
   if (write && !writable()) return Status::InvalidArgument("the store was opened read-only");
-  return b->Open(path, write ? O_RDWR : O_RDONLY, 0, out)
-      .Annotate(fmt::format("opening {} on the backing {}", path, BackingSpec()));
+  // The other files of a multi-file image (VMDK extents), opened as the image names them.
+  auto open = [this, b, write](const std::string& file, std::unique_ptr<store::ImageFile>* f) {
+    std::unique_ptr<backend::File> opened;
+    VMETAFS_RETURN_IF_ERROR(
+        b->Open(file, write ? O_RDWR : O_RDONLY, 0, &opened)
+            .Annotate(fmt::format("opening {} on the backing {}", file, BackingSpec())));
+    *f = std::move(opened);
+    return Status::Ok();
+  };
+  std::unique_ptr<store::ImageFile> primary;
+  VMETAFS_RETURN_IF_ERROR(open(path, &primary));
+  *out = std::make_unique<store::MultiFileImage>(std::move(primary), path, open);
+  return Status::Ok();
 }
 
 }  // namespace vmetafs::meta_restore

@@ -50,7 +50,8 @@ class Session {
   // The image's journal record; NotFound says how to list the known images.
   Status FindImage(const std::string& path, store::ImageRecord* out) const;
   // Opens the image file on the backing (read-write only in a writable session).
-  Status OpenImage(const std::string& path, bool write, std::unique_ptr<backend::File>* out);
+  // A multi-file image's other files (VMDK extents) are opened as its parse names them.
+  Status OpenImage(const std::string& path, bool write, std::unique_ptr<store::ImageFile>* out);
 
  private:
   Session(GlobalOptions options, Mode mode) : options_(std::move(options)), mode_(mode) {}
