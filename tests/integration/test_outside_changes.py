@@ -2,7 +2,8 @@
 
 Each image is made and written THROUGH the mount, so the journal knows it; then something else
 changes it directly on the backing: qemu-img resize, snapshot -c/-d, amend, commit, check -r all,
-a replacement file, or another host's qemu-io while the daemon runs but the image is closed. The
+a replacement file, a convert in place to another format, or another host's qemu-io while the
+daemon runs but the image is closed. The
 next first open through the mount must say "adopted" with the reason it saw, keep the change
 (qemu-img info/compare show it, on the mount and on the backing), and from then on protect the
 adopted version: a damage after it is restored to it.
@@ -21,6 +22,8 @@ from conftest import (GiB, MORE_PATTERNS, PATTERNS, copy_file, create_image, exp
                       meta_restore, out, qemu_img, qemu_img_check, qemu_img_compare, qemu_io,
                       verify_patterns, write_patterns, zero)
 from qcow2_layout import Qcow2Layout
+from test_formats import FORMATS, make_created
+from test_formats import verify as read_patterns
 
 IMAGE = "vm.qcow2"
 # The reasons store/verifier.cc gives for "changed outside the mount".
@@ -233,6 +236,53 @@ def test_commit_of_an_overlay_into_its_base_is_adopted(backing, mount, tmp_path)
     verify_patterns(backing / base, both)
     expect_adopted_in_history(mount.store, base, ANY_REASON)
     damage_then_restored(mount, backing / base, tmp_path, base)
+
+
+# ---- converted in place: qemu-img convert of the image to another format, same name ----
+
+# (made as, converted to): FORMATS' names, or "qcow2"; qemu-img's format names.
+CONVERSIONS = [("qcow2", "vpc"), ("vpc-dynamic", "qcow2"), ("raw-gpt", "qcow2"),
+               ("qcow2", "vmdk")]
+PARSER_NAMES = {"qcow2": "qcow2", "vpc": "vhd", "vmdk": "vmdk"}
+
+
+def make_as(name: str):
+    return make_created("qcow2", None) if name == "qcow2" else FORMATS[name].make
+
+
+def qemu_format(name: str) -> str:
+    return "qcow2" if name == "qcow2" else FORMATS[name].qemu_format
+
+
+def compare_as(fmt: str, a, b) -> None:
+    res = qemu_img("compare", "-f", fmt, "-F", fmt, a, b, check=False)
+    assert res.returncode == 0, f"qemu-img compare {a} {b} -> {res.returncode}:\n{out(res)}"
+
+
+@pytest.mark.parametrize("source,target", CONVERSIONS, ids=[f"{a}-to-{b}" for a, b in CONVERSIONS])
+def test_converted_in_place_is_adopted(source, target, backing, mount, tmp_path):
+    name = "disk.img"
+    raw = backing / name
+    with mount.running():
+        runs = make_as(source)(mount / name, tmp_path)
+    converted = tmp_path / f"converted.{target}"
+    qemu_img("convert", "-f", qemu_format(source), "-O", target, raw, converted)
+    copy_file(converted, raw.parent / ".converting")
+    os.replace(raw.parent / ".converting", raw)
+
+    reason = rf"it is a {PARSER_NAMES[target]} image now"
+    with mount.running():
+        compare_as(target, converted, mount / name)  # the first open decides
+        expect_adopted(mount, name, reason)
+        read_patterns(mount / name, target, runs)
+    compare_as(target, converted, raw)  # nothing was reverted on the storage
+    expect_adopted_in_history(mount.store, name, reason)
+    images = json.loads(meta_restore("--store", mount.store, "list", "--json").stdout)
+    assert [i["format"] for i in images if i["image"] == name] == [PARSER_NAMES[target]], images
+    with mount.running():  # protected as what it is now
+        compare_as(target, converted, mount / name)
+        words = mount.decisions(name)
+        assert words and words[0] == "verified", f"{words}\n{mount.log()}"
 
 
 # ---- a change made while mounted, by someone else, while the image is closed ----
