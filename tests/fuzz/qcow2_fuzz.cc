@@ -4,7 +4,7 @@
 // Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/qcow2_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
-//     -o qcow2_fuzz
+//     -lxxhash -o qcow2_fuzz
 //   ./qcow2_fuzz -max_len=65536 -rss_limit_mb=512 corpus/
 // A seed corpus: small images from `qemu-img create -f qcow2 -o cluster_size=512 x.qcow2 1M`
 // after a few `qemu-io -c 'write ...'`, with and without snapshots and bitmaps.

@@ -5,7 +5,7 @@
 // Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/raw_gpt_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
-//     -o raw_gpt_fuzz
+//     -lxxhash -o raw_gpt_fuzz
 //   ./raw_gpt_fuzz -rss_limit_mb=1024 corpus/
 // Seeds: 1 MiB disks from `sgdisk -n 1:0:+256K -n 2:0:0`, `parted -s X mklabel msdos mkpart
 //   extended 1KiB 900KiB mkpart logical 2KiB 100KiB`, and the same GPT with 4096-byte sectors

@@ -5,7 +5,7 @@
 // Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/vhd_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
-//     -o vhd_fuzz
+//     -lxxhash -o vhd_fuzz
 //   ./vhd_fuzz -rss_limit_mb=1024 corpus/
 // Seeds: `qemu-img create -f vpc X 64M` (2.5 KiB), the same after `qemu-io -c 'write 0 4k'`
 //   (2 MiB blocks make it 2 MiB), and `-o subformat=fixed` of 64 KiB.

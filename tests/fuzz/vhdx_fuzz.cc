@@ -5,7 +5,7 @@
 // Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/vhdx_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
-//     -o vhdx_fuzz
+//     -lxxhash -o vhdx_fuzz
 //   ./vhdx_fuzz -rss_limit_mb=1024 corpus/
 // Seeds: `qemu-img create -f vhdx -o block_size=1M,log_size=1M X 8M` (4 MiB), after
 //   `qemu-io -c 'write 0 1M'`, and `-o subformat=fixed`; run with -max_len of the largest seed.

@@ -5,7 +5,7 @@
 // Built with the other fuzz targets by tests/fuzz/CMakeLists.txt (tools/run-fuzz.sh). By hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/vmdk_fuzz.cc \
 //     store/status.cc store/metadata_map.cc store/image_file.cc store/formats/*.cc -lfmt -lisal \
-//     -o vmdk_fuzz
+//     -lxxhash -o vmdk_fuzz
 //   ./vmdk_fuzz -rss_limit_mb=1024 corpus/
 // Seeds: `qemu-img create -f vmdk X 8M` (monolithicSparse), the same after a write and
 //   converted with `-O vmdk -o subformat=streamOptimized`, and the descriptor of
