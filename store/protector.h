@@ -53,12 +53,11 @@ class Protector {
   // is active. `file` is the daemon's own handle on the backing file, opened read-write when the
   // storage allows. Runs the first-open decision before returning. *out tracks the file for all
   // its opens, even when it is not (yet) an image. A refused open returns a Status whose Errno()
-  // is EIO, and the log says why.
+  // is EIO, and the log says why. A file of a multi-file image (a VMDK extent) opened while its
+  // image is open is not decided on its own: *out journals its writes under the image, with the
+  // extent's index (the image's first open verified it).
   Status OpenFirst(const std::string& path, std::unique_ptr<ImageFile> file,
                    std::shared_ptr<ProtectedImage>* out, OpenDecision* decision = nullptr);
-
-  // A file of a multi-file image (a VMDK extent) opened while its image is open: OpenFirst returns
-  // a ProtectedImage that journals its writes under the image, with the extent's index.
 
   // Namespace changes made through the mount; `from`/`to` may be directories (prefix rename).
   void Renamed(const std::string& from, const std::string& to);

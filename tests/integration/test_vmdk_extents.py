@@ -124,6 +124,23 @@ def test_damaged_extent_is_restored(backing, mount, tmp_path):
                                                           offset, length)
 
 
+def test_meta_restore_restores_an_extent_offline(backing, mount, tmp_path):
+    with mount.running():
+        create(mount)
+    reference = copy_image(backing.path, tmp_path / "reference")
+    second = backing / EXTENTS[1]
+    layout = VmdkLayout.read(second)
+    zero(second, *layout.grain_table_range(layout.gt_index(PATTERNS[2][0] - EXTENT_BYTES)))
+
+    res = meta_restore("--store", mount.store, "verify", IMAGE, check=False)
+    assert res.returncode == 1, out(res)
+    res = meta_restore("--store", mount.store, "restore", IMAGE, check=False)
+    assert res.returncode == 0, out(res)
+    compare(reference, backing / IMAGE)
+    check(backing / IMAGE)
+    assert meta_restore("--store", mount.store, "verify", IMAGE, check=False).returncode == 0
+
+
 def test_writes_to_extents_are_journaled_under_the_image(backing, mount):
     """Later writes through the mount, to every extent: the next first open verifies."""
     more = [(EXTENT_BYTES + 700 * MiB, 2 * MiB, 0x55), (2 * EXTENT_BYTES + 900 * MiB, 64 * KiB,
