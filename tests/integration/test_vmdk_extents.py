@@ -172,6 +172,20 @@ def test_missing_extent_file_is_refused(backing, mount):
         assert "restored" not in mount.decisions(IMAGE), mount.log()
 
 
+def test_extent_renamed_with_its_descriptor_is_adopted(backing, mount):
+    """Renamed outside the mount, and the descriptor edited to name it: a valid change."""
+    with mount.running():
+        create(mount)
+    (backing / EXTENTS[2]).rename(backing / "split-last.vmdk")
+    descriptor = backing / IMAGE
+    descriptor.write_text(descriptor.read_text().replace(EXTENTS[2], "split-last.vmdk"))
+    with mount.running():
+        read_back(mount / IMAGE, PATTERNS)
+        words = mount.decisions(IMAGE)
+        assert words and words[0] == "adopted", f"{words}\n{mount.log()}"
+    assert listed(mount.store)[0]["extent_files"] == [*EXTENTS[:2], "split-last.vmdk"]
+
+
 def test_flat_extents(backing, mount):
     """twoGbMaxExtentFlat: the descriptor is the metadata; the extent files are data."""
     with mount.running():
