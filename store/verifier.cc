@@ -8,10 +8,12 @@
 #include <map>
 #include <tuple>
 
+#include "store/range_reader.h"
+
 namespace vmetafs::store {
 namespace {
 
-constexpr uint64_t kMaxReadRun = 8ull << 20;      // one coalesced read
+constexpr uint64_t kMaxReadRun = 2ull << 20;      // one coalesced read (RangeReader holds 8)
 constexpr uint64_t kMaxBatchBytes = 32ull << 20;  // one journal batch
 
 using UnitKey = std::tuple<uint16_t, uint64_t>;
@@ -104,41 +106,51 @@ Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
   uint64_t total = 0, done = 0;
   for (const MetadataUnit& u : units) total += u.length;
   std::vector<uint8_t> buf;
-  const ImageFile* extent = nullptr;
-  uint64_t size = 0;
-  size_t i = 0;
-  while (i < units.size()) {
-    if (extent == nullptr || units[i].extent != units[i - 1].extent) {
-      extent = file.Extent(units[i].extent);
-      if (extent != nullptr) VMETAFS_RETURN_IF_ERROR(extent->Size(&size));
-    }
+  // Units come grouped by file (extent); each group's runs of adjacent units, up to kMaxReadRun
+  // bytes each, are read ahead by one RangeReader.
+  for (size_t group = 0; group < units.size();) {
+    size_t group_end = group + 1;
+    while (group_end < units.size() && units[group_end].extent == units[group].extent) ++group_end;
+    const ImageFile* extent = file.Extent(units[group].extent);
     if (extent == nullptr) {  // a file of a multi-file image this ImageFile does not reach
-      VMETAFS_RETURN_IF_ERROR(fn(units[i], {}));
-      done += units[i].length;
-      ++i;
+      for (size_t k = group; k < group_end; ++k) {
+        VMETAFS_RETURN_IF_ERROR(fn(units[k], {}));
+        done += units[k].length;
+      }
+      group = group_end;
       continue;
     }
-    // A run of adjacent units of one file, up to kMaxReadRun bytes, read at once.
-    size_t j = i + 1;
-    const uint64_t start = units[i].offset;
-    while (j < units.size() && units[j].extent == units[i].extent &&
-           units[j].offset == units[j - 1].end() && units[j].end() - start <= kMaxReadRun) {
-      ++j;
+    uint64_t size = 0;
+    VMETAFS_RETURN_IF_ERROR(extent->Size(&size));
+    std::vector<size_t> run_ends;  // [previous end, run_end) of units per range
+    std::vector<ByteRange> ranges;
+    for (size_t i = group; i < group_end;) {
+      size_t j = i + 1;
+      const uint64_t start = units[i].offset;
+      while (j < group_end && units[j].offset == units[j - 1].end() &&
+             units[j].end() - start <= kMaxReadRun) {
+        ++j;
+      }
+      ranges.push_back({start, units[j - 1].end() - start});
+      run_ends.push_back(j);
+      i = j;
     }
     // Bytes past the end of the file read as zeros, as qemu reads them: a table in a last,
     // partly written cluster is still whole, and a unit lost to a truncation differs.
-    buf.assign(units[j - 1].end() - start, 0);
-    if (start < size) {
-      const uint64_t present = std::min<uint64_t>(buf.size(), size - start);
-      VMETAFS_RETURN_IF_ERROR(extent->ReadAt(start, std::span<uint8_t>(buf).first(present)));
+    RangeReader reader(*extent, size, ranges);
+    size_t first = group;
+    for (size_t r = 0; r < ranges.size(); ++r) {
+      VMETAFS_RETURN_IF_ERROR(reader.Take(r, &buf));
+      for (size_t k = first; k < run_ends[r]; ++k) {
+        VMETAFS_RETURN_IF_ERROR(
+            fn(units[k], std::span<const uint8_t>(buf).subspan(units[k].offset - ranges[r].offset,
+                                                               units[k].length)));
+      }
+      first = run_ends[r];
+      done += buf.size();
+      if (progress) progress(done, total);
     }
-    for (size_t k = i; k < j; ++k) {
-      VMETAFS_RETURN_IF_ERROR(fn(units[k], std::span<const uint8_t>(buf).subspan(
-                                               units[k].offset - start, units[k].length)));
-    }
-    done += buf.size();
-    if (progress) progress(done, total);
-    i = j;
+    group = group_end;
   }
   return Status::Ok();
 }

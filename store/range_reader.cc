@@ -1,0 +1,74 @@
+#include "store/range_reader.h"
+
+#include <algorithm>
+
+namespace vmetafs::store {
+
+RangeReader::RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges)
+    : file_(file), size_(file_size), ranges_(std::move(ranges)), slots_(ranges_.size()) {
+  if (ranges_.size() < 2) return;  // nothing to overlap: Take reads it
+  const size_t n = std::min(kReaders, ranges_.size());
+  for (size_t i = 0; i < n; ++i) readers_.emplace_back([this] { Work(); });
+}
+
+RangeReader::~RangeReader() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (std::thread& t : readers_) t.join();
+}
+
+Status RangeReader::Read(const ByteRange& r, std::vector<uint8_t>* buf) const {
+  // A reused buffer keeps its pages: no fresh mapping, page faults and zeroing per range.
+  buf->resize(r.length);
+  const uint64_t present = r.offset < size_ ? std::min<uint64_t>(r.length, size_ - r.offset) : 0;
+  std::fill(buf->begin() + present, buf->end(), 0);
+  if (present == 0) return Status::Ok();
+  return file_.ReadAt(r.offset, std::span<uint8_t>(*buf).first(present));
+}
+
+void RangeReader::Work() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    // Stay at most kWindow ranges ahead of the consumer: that bounds the memory held.
+    cv_.wait(lock, [this] { return stop_ || next_ >= ranges_.size() || next_ < taken_ + kWindow; });
+    if (stop_ || next_ >= ranges_.size()) return;
+    const size_t k = next_++;
+    std::vector<uint8_t> bytes;
+    if (!spare_.empty()) {
+      bytes = std::move(spare_.back());
+      spare_.pop_back();
+    }
+    lock.unlock();
+    Status s = Read(ranges_[k], &bytes);
+    lock.lock();
+    slots_[k].status = std::move(s);
+    slots_[k].bytes = std::move(bytes);
+    slots_[k].done = true;
+    if (!slots_[k].status.ok()) {  // stop reading; the consumer sees the error at range k
+      stop_ = true;
+      failed_at_ = std::min(failed_at_, k);
+    }
+    cv_.notify_all();
+  }
+}
+
+Status RangeReader::Take(size_t k, std::vector<uint8_t>* buf) {
+  if (readers_.empty()) return Read(ranges_.at(k), buf);
+  std::unique_lock<std::mutex> lock(mu_);
+  // Ranges are claimed in order and a claimed read always completes, so every range before a
+  // failed one is there; ranges after it may never be read.
+  cv_.wait(lock, [&] { return slots_.at(k).done || k > failed_at_; });
+  if (!slots_[k].done) return slots_[failed_at_].status;
+  if (buf->capacity() > 0)
+    spare_.push_back(std::move(*buf));  // the range the consumer is done with
+  *buf = std::move(slots_[k].bytes);
+  slots_[k].bytes = {};
+  taken_ = k + 1;
+  cv_.notify_all();
+  return slots_[k].status;
+}
+
+}  // namespace vmetafs::store

@@ -1,0 +1,73 @@
+// RangeReader: reads a list of byte ranges of an ImageFile ahead of the code that consumes them,
+// on a few threads, and hands them out in order.
+//
+// The first open reads every journaled unit of an image (a 1 TiB qcow2 holds 160 MiB of L2 and
+// refcount blocks). One thread issuing one large read after another leaves the storage idle
+// while each result is hashed or journaled, and a single request in flight is far from what a
+// disk or an NFS server delivers with several: this keeps kReaders requests in flight.
+//
+// Bytes of a range past the file's end (as the file's size was when the reader was made) read as
+// zeros. Memory: at most kWindow ranges are held, read but not yet taken.
+//
+// Thread safety: one consumer thread calls Take; the file must allow concurrent ReadAt (as
+// ImageFile promises) and outlive the reader. The destructor waits for reads in flight.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "store/image_file.h"
+#include "store/status.h"
+
+namespace vmetafs::store {
+
+struct ByteRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+class RangeReader {
+ public:
+  static constexpr size_t kReaders = 4;
+  static constexpr size_t kWindow = 8;
+
+  // Starts reading at once when there is more than one range; a single range is read by Take.
+  RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges);
+  ~RangeReader();
+  RangeReader(const RangeReader&) = delete;
+  RangeReader& operator=(const RangeReader&) = delete;
+
+  // The bytes of range k; ranges are taken once each, in order (k = 0, 1, ...). *buf is
+  // replaced; the buffer it held (the previous range) is reused for a later one. After an error
+  // the reader stops and the ranges after the failed one return its error.
+  Status Take(size_t k, std::vector<uint8_t>* buf);
+
+ private:
+  struct Slot {
+    bool done = false;
+    Status status;
+    std::vector<uint8_t> bytes;
+  };
+  Status Read(const ByteRange& r, std::vector<uint8_t>* buf) const;
+  void Work();
+
+  const ImageFile& file_;
+  const uint64_t size_;
+  const std::vector<ByteRange> ranges_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Slot> slots_;                  // guarded by mu_
+  std::vector<std::vector<uint8_t>> spare_;  // buffers the consumer returned; guarded by mu_
+  size_t next_ = 0;                          // next range a reader claims; guarded by mu_
+  size_t taken_ = 0;                         // ranges the consumer took; guarded by mu_
+  bool stop_ = false;                        // guarded by mu_
+  size_t failed_at_ =
+      std::numeric_limits<size_t>::max();  // the first range whose read failed; guarded by mu_
+  std::vector<std::thread> readers_;
+};
+
+}  // namespace vmetafs::store
