@@ -165,6 +165,7 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
         OpenUnprotected(st, "restored units are served from the journal; the storage refused them");
         return Status::Ok();
       }
+      NoteRestored(plan, &v);
       v.storage = ParsedImage{};
       VMETAFS_RETURN_IF_ERROR(st.parser->Parse(*st.file, limits, &v.storage));
       break;
@@ -178,9 +179,7 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
   // The journal now follows the storage: captured, re-baselined (adopted, or pending writes that
   // never landed) and retired units.
   ReconcileStats stats;
-  VMETAFS_RETURN_IF_ERROR(Reconcile(journal, record, *st.file, v.storage,
-                                    plan.action == Action::kRestored ? nullptr : &v, nullptr,
-                                    &stats));
+  VMETAFS_RETURN_IF_ERROR(Reconcile(journal, record, *st.file, v.storage, &v, nullptr, &stats));
   VMETAFS_RETURN_IF_ERROR(st.protector->UpdateImage(record.id, [&](ImageRecord* r) {
     r->in_use = true;
     r->format = v.storage.format;

@@ -101,6 +101,7 @@ Status CarryOutDecision(Journal& journal, ImageFile& file, const ParseLimits& li
             EIO);
       }
       outcome->written_units = plan.restore.size();
+      NoteRestored(plan, &v);
       v.storage = ParsedImage{};
       VMETAFS_RETURN_IF_ERROR(v.parser->Parse(file, limits, &v.storage));
       break;
@@ -112,8 +113,7 @@ Status CarryOutDecision(Journal& journal, ImageFile& file, const ParseLimits& li
     outcome->problems = v.storage.problems;
     return journal.Sync();
   }
-  const Verification* known = plan.action == Action::kRestored ? nullptr : &v;
-  return CloseOffline(journal, v.image, file, v.storage, known, plan.action, progress,
+  return CloseOffline(journal, v.image, file, v.storage, &v, plan.action, progress,
                       &outcome->reconciled);
 }
 

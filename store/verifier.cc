@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "store/range_reader.h"
@@ -81,6 +82,33 @@ Status HoldsEpochStart(const Journal& journal, const ImageRecord& image, const U
   std::vector<UnitVersion> older;
   VMETAFS_RETURN_IF_ERROR(journal.UnitHistory(image.id, c.journaled.unit, &older));
   *holds = !older.empty() && older.front().hash == c.storage_hash;
+  return Status::Ok();
+}
+
+// Writes each unit's bytes at its offset in its extent's file; units that follow each other in one
+// file go in one write of up to kMaxReadRun bytes (a restore of every L2 table of a large image is
+// a few dozen writes).
+Status WriteContents(ImageFile& file, const std::vector<QuarantinedUnit>& contents) {
+  std::vector<uint8_t> buf;
+  for (size_t i = 0; i < contents.size();) {
+    const QuarantinedUnit& first = contents[i];
+    buf.assign(first.bytes.begin(), first.bytes.end());
+    size_t j = i + 1;
+    for (; j < contents.size(); ++j) {
+      const QuarantinedUnit& c = contents[j];
+      if (c.unit.extent != first.unit.extent || c.unit.offset != first.unit.offset + buf.size() ||
+          buf.size() + c.bytes.size() > kMaxReadRun) {
+        break;
+      }
+      buf.insert(buf.end(), c.bytes.begin(), c.bytes.end());
+    }
+    ImageFile* extent = file.MutableExtent(first.unit.extent);
+    if (extent == nullptr) {
+      return Status::NotFound(fmt::format("extent {} of the image is not open", first.unit.extent));
+    }
+    VMETAFS_RETURN_IF_ERROR(extent->WriteAt(first.unit.offset, buf));
+    i = j;
+  }
   return Status::Ok();
 }
 
@@ -241,7 +269,9 @@ Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verifi
 namespace {
 
 // Lays the journal's content over the units that differ from it: the journal's view of `file`.
-Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay) {
+// *laid, when given, receives that content, in the order of v.units (a restore writes it).
+Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay,
+                      std::vector<QuarantinedUnit>* laid = nullptr) {
   for (const UnitCheck& c : v.units) {
     if (c.result != UnitCheck::Result::kDiffers && c.result != UnitCheck::Result::kMissing)
       continue;
@@ -250,17 +280,19 @@ Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImag
     overlay->Add(full.unit.extent, full.unit.offset,
                  std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
                                           full.content.size()));
+    if (laid != nullptr) laid->push_back({c.journaled.unit, std::move(full.content)});
   }
   return Status::Ok();
 }
 
 // The journal's view of the image: the storage with the journal's content laid over the units
-// that differ. Parses it (and deep-checks it when `deep`). Fills *view.
+// that differ. Parses it (and deep-checks it when `deep`). Fills *view, and *laid with the
+// journal's content of the differing units.
 Status JournalView(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
                    const Verification& v, bool deep, ParsedImage* view,
-                   std::vector<std::string>* problems) {
+                   std::vector<std::string>* problems, std::vector<QuarantinedUnit>* laid) {
   OverlayImageFile overlay(file);
-  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, v, &overlay));
+  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, v, &overlay, laid));
   // The journal's view is in the journal's format, even when the storage was converted since.
   const FormatParser* parser = FormatByName(v.image.format);
   if (parser == nullptr) parser = v.parser;
@@ -339,7 +371,9 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
   // but qemu does not. Only a view laid over someone else's changes needs the deep check.
   const bool deep = v->changed_outside && !v->image.in_use;
-  VMETAFS_RETURN_IF_ERROR(JournalView(journal, file, limits, *v, deep, &view, &view_problems));
+  std::vector<QuarantinedUnit> laid;
+  VMETAFS_RETURN_IF_ERROR(
+      JournalView(journal, file, limits, *v, deep, &view, &view_problems, &laid));
   if (!view_problems.empty()) {
     plan->action = Action::kRefused;
     plan->units = differing;
@@ -355,9 +389,12 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
     return Status::Ok();
   }
   // Never write a unit the journal's own view no longer references as metadata.
-  for (const MetadataUnit& u : differing) {
+  for (QuarantinedUnit& q : laid) {
+    const MetadataUnit& u = q.unit;
     const MetadataUnit* in_view = view.map.Find(u.extent, u.offset);
-    (in_view && in_view->length == u.length ? plan->restore : plan->skipped).push_back(u);
+    const bool restore = in_view && in_view->length == u.length;
+    (restore ? plan->restore : plan->skipped).push_back(u);
+    if (restore) plan->contents.push_back(std::move(q));
   }
   plan->action = Action::kRestored;
   plan->units = plan->restore;
@@ -399,13 +436,28 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
   std::vector<QuarantinedUnit> contents;
-  for (const MetadataUnit& u : plan.restore) {
-    UnitVersion full;
-    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
-    contents.push_back({u, std::move(full.content)});
+  if (plan.contents.size() == plan.restore.size()) {
+    contents = plan.contents;  // Decide read them from the journal already
+  } else {
+    for (const MetadataUnit& u : plan.restore) {
+      UnitVersion full;
+      VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
+      contents.push_back({u, std::move(full.content)});
+    }
   }
   return RestoreContents(journal, image, file, std::move(contents), plan.detail, progress,
                          unwritten);
+}
+
+void NoteRestored(const Plan& plan, Verification* v) {
+  std::set<UnitKey> written;
+  for (const MetadataUnit& u : plan.restore) written.insert(KeyOf(u));
+  for (UnitCheck& c : v->units) {
+    if (!written.count(KeyOf(c.journaled.unit))) continue;
+    c.result = UnitCheck::Result::kMatch;
+    c.storage_hash = c.journaled.hash;
+    --v->differing;
+  }
 }
 
 Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& file,
@@ -425,19 +477,7 @@ Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& fi
   VMETAFS_RETURN_IF_ERROR(
       RecordEvent(journal, image, Action::kRestored, units, detail, quarantine));
   VMETAFS_RETURN_IF_ERROR(journal.Sync());
-  Status write_status;
-  for (const QuarantinedUnit& c : contents) {
-    if (!write_status.ok()) break;
-    ImageFile* extent = file.MutableExtent(c.unit.extent);
-    if (extent == nullptr) {
-      write_status =
-          Status::NotFound(fmt::format("extent {} of the image is not open", c.unit.extent));
-      break;
-    }
-    write_status = extent->WriteAt(
-        c.unit.offset,
-        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.bytes.data()), c.bytes.size()));
-  }
+  Status write_status = WriteContents(file, contents);
   if (write_status.ok()) write_status = file.Sync();
   if (!write_status.ok()) {
     *unwritten = std::move(contents);

@@ -70,7 +70,10 @@ struct Plan {
   std::vector<MetadataUnit> units;    // the units the decision concerns (for the event)
   std::vector<MetadataUnit> restore;  // units to write back from the journal
   std::vector<MetadataUnit> skipped;  // differing units the journal's view no longer references
-  std::string detail;                 // the reason, in words
+  // The journal's content of `restore`, in its order, as Decide read it to check the journal's
+  // view (Restore reads the journal again when it is not given).
+  std::vector<QuarantinedUnit> contents;
+  std::string detail;  // the reason, in words
 };
 
 // Applies the decision table to a Verification (DESIGN.md): verified / restored / adopted /
@@ -84,6 +87,11 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
 // memory, and the event says so. Records the event.
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
+
+// After Restore wrote plan.restore (and the storage took it), the storage holds the journal's
+// latest content of those units: marks them matching in *v, so that Reconcile(.., v, ..) does not
+// read back what was just written.
+void NoteRestored(const Plan& plan, Verification* v);
 
 // The write half of Restore, for callers that choose the contents themselves (meta-restore
 // --at writes older journaled versions): the bytes being replaced go to quarantine with a
