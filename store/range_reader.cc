@@ -61,7 +61,7 @@ Status RangeReader::Take(size_t k, std::vector<uint8_t>* buf) {
   // Ranges are claimed in order and a claimed read always completes, so every range before a
   // failed one is there; ranges after it may never be read.
   cv_.wait(lock, [&] { return slots_.at(k).done || k > failed_at_; });
-  if (!slots_[k].done) return slots_[failed_at_].status;
+  if (k > failed_at_) return slots_[failed_at_].status;  // even if read before the failure
   if (buf->capacity() > 0)
     spare_.push_back(std::move(*buf));  // the range the consumer is done with
   *buf = std::move(slots_[k].bytes);
