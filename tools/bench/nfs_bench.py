@@ -21,23 +21,15 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import time
+
+from bench import drop_file_cache, log, run  # the local benchmark, beside this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "mount-scripts")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def say(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sh(cmd, check=True):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip()}")
-    return p
 
 
 def free_port_pair():
@@ -60,14 +52,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def drop_file_cache(path):
-    """The server reads the file from its disk, not from this host's page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
 
 def children_cpu():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -79,17 +63,17 @@ class Server:
         self.export, self.port = export, free_port_pair()
 
     def start(self):
-        sh([os.path.join(SCRIPTS, "nfs-server-start"), self.export, str(self.port)])
+        run([os.path.join(SCRIPTS, "nfs-server-start"), self.export, str(self.port)])
         with open(f"/run/vmetafs-nfs/{self.port}/ganesha.pid") as f:
             self.pid = int(f.read())
         return self
 
     def stop(self):
-        sh([os.path.join(SCRIPTS, "nfs-server-stop"), self.export, str(self.port)], check=False)
+        run([os.path.join(SCRIPTS, "nfs-server-stop"), self.export, str(self.port)], check=False)
 
     def registered(self):
         """qemu's nfs driver finds MOUNT through rpcbind: is it this server that is registered?"""
-        p = sh(["rpcinfo", "-p", "127.0.0.1"], check=False)
+        p = run(["rpcinfo", "-p", "127.0.0.1"], check=False)
         return any(line.split()[:4] == ["100005", "3", "tcp", str(self.port + 1)]
                    for line in p.stdout.splitlines())
 
@@ -125,8 +109,8 @@ class NfsMount:
 
     def stop(self):
         if os.path.ismount(self.mnt):
-            if sh(["fusermount3", "-u", self.mnt], check=False).returncode != 0:
-                sh(["fusermount3", "-u", "-z", self.mnt], check=False)
+            if run(["fusermount3", "-u", self.mnt], check=False).returncode != 0:
+                run(["fusermount3", "-u", "-z", self.mnt], check=False)
         if self.proc is not None:
             self.proc.wait(timeout=60)
             self.proc = None
@@ -137,7 +121,7 @@ def timed(cmd, pids):
     before = [cpu_seconds(p) for p in pids]
     child0 = children_cpu()
     t0 = time.monotonic()
-    p = sh(cmd, check=False)
+    p = run(cmd, check=False)
     elapsed = time.monotonic() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {(p.stderr or p.stdout).strip()[-300:]}")
@@ -175,8 +159,8 @@ def main():
 
     # The data file is written on the export's directory, then dropped from the page cache.
     big = os.path.join(export, "big.raw")
-    sh(["dd", "if=/dev/urandom", f"of={big}", "bs=1M", f"count={size_mib}", "conv=fsync"])
-    sh(["qemu-img", "create", "-f", "qcow2", "-o", "preallocation=falloc",
+    run(["dd", "if=/dev/urandom", f"of={big}", "bs=1M", f"count={size_mib}", "conv=fsync"])
+    run(["qemu-img", "create", "-f", "qcow2", "-o", "preallocation=falloc",
         os.path.join(export, "img.qcow2"), "1G"])
     src = os.path.join(work, "local.raw")
     shutil.copyfile(big, src)
@@ -197,7 +181,7 @@ def main():
         for m in mounts:
             m.start()
         for rep in range(args.reps):
-            say(f"nfs bench: repetition {rep + 1} of {args.reps}")
+            log(f"nfs bench: repetition {rep + 1} of {args.reps}")
             systems = ["libnfs"] + [m.name for m in mounts]
             systems = systems[rep % len(systems):] + systems[:rep % len(systems)]
             for system in systems:
