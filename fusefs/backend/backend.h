@@ -40,6 +40,8 @@ class File : public store::ImageFile {
   // SEEK_DATA / SEEK_HOLE (others: EINVAL).
   virtual Status Lseek(uint64_t offset, int whence, uint64_t* result) const = 0;
   virtual Status Fstat(struct stat* st) const = 0;
+  // Sets the permission bits (07777 of `mode`), like fchmod.
+  virtual Status Chmod(mode_t mode) = 0;
   // POSIX record locks and flock(); `cmd` as for fcntl (F_GETLK, F_SETLK, F_SETLKW; OFD variants).
   virtual Status Getlk(struct flock* lock) = 0;
   virtual Status Setlk(const struct flock& lock, bool wait) = 0;

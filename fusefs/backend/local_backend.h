@@ -86,6 +86,7 @@ class LocalFile final : public File {
   Status Fallocate(int mode, uint64_t offset, uint64_t length) override;
   Status Lseek(uint64_t offset, int whence, uint64_t* result) const override;
   Status Fstat(struct stat* st) const override;
+  Status Chmod(mode_t mode) override;
   Status Getlk(struct flock* lock) override;
   Status Setlk(const struct flock& lock, bool wait) override;
   Status Flock(int op) override;

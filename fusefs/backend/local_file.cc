@@ -207,6 +207,10 @@ Status LocalFile::Fstat(struct stat* st) const {
   return fstat(fd_, st) == 0 ? Status::Ok() : SysError("fstat");
 }
 
+Status LocalFile::Chmod(mode_t mode) {
+  return fchmod(fd_, mode & 07777) == 0 ? Status::Ok() : SysError("chmod");
+}
+
 // Locks are taken as open file description (OFD) locks on this descriptor: each open through the
 // mount has its own descriptor, so opens by different processes conflict with each other and with
 // locks taken on the backing directly, as they would without the mount.

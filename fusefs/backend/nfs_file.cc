@@ -233,6 +233,12 @@ Status NfsFile::Truncate(uint64_t size) {
                     [size](NfsConn& conn, nfsfh* fh) { return nfs_ftruncate(conn.ctx, fh, size); });
 }
 
+Status NfsFile::Chmod(mode_t mode) {
+  return WithHandle("chmod", [mode](NfsConn& conn, nfsfh* fh) {
+    return nfs_fchmod(conn.ctx, fh, static_cast<int>(mode & 07777));
+  });
+}
+
 Status NfsFile::Fstat(struct stat* st) const {
   nfs_stat_64 s{};
   VMETAFS_RETURN_IF_ERROR(WithHandle(
