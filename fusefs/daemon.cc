@@ -23,6 +23,7 @@
 
 #include "fusefs/crash_report.h"
 #include "fusefs/filesystem.h"
+#include "fusefs/killpriv_v2.h"
 #include "fusefs/operations.h"
 #include "fusefs/options.h"
 
@@ -240,6 +241,10 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
     fuse_remove_signal_handlers(se);
     if (protector != nullptr) (void)protector->Close();
     return kExitFailure;  // libfuse said why
+  }
+  if (o.killpriv_v2) {
+    Status st = OfferKillPrivV2(se);
+    if (!st.ok()) spdlog::warn("FUSE_HANDLE_KILLPRIV_V2 not offered: {}", st.ToString());
   }
   ready.Report(kExitOk);
   if (!o.foreground) {

@@ -6,6 +6,7 @@
 #include <cerrno>
 
 #include "fusefs/filesystem.h"
+#include "fusefs/killpriv_v2.h"
 #include "store/formats/format.h"
 
 namespace vmetafs::fusefs {
@@ -150,6 +151,47 @@ Status Filesystem::TruncateFile(const std::shared_ptr<Inode>& node, FileHandle* 
   Status st = TruncateThrough(*tmp, size);
   CloseHandle(tmp);
   return st;
+}
+
+namespace {
+
+// What a write by a caller without CAP_FSETID takes away (the kernel's
+// setattr_should_drop_suidgid): set-user-ID, and set-group-ID when the group may execute (without
+// it, the bit means mandatory locking, not privilege).
+mode_t SuidGidToKill(mode_t mode) {
+  mode_t kill = mode & S_ISUID;
+  if ((mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP)) kill |= S_ISGID;
+  return kill;
+}
+
+}  // namespace
+
+void Filesystem::NoteMode(Inode& node, mode_t mode) {
+  if (SuidGidToKill(mode) != 0) node.ModeChanged();
+}
+
+Status Filesystem::KillSuidGidIfAsked(Inode& node, backend::File* file) {
+  return KillSuidGidRequested() ? KillSuidGid(node, file) : Status::Ok();
+}
+
+Status Filesystem::KillSuidGid(Inode& node, backend::File* file) {
+  if (node.type() != S_IFREG || node.KnownNoSuidGid()) return Status::Ok();
+  uint64_t epoch = node.ModeEpoch();
+  struct stat st;
+  std::string path;
+  if (file != nullptr) {
+    VMETAFS_RETURN_IF_ERROR(file->Fstat(&st));
+  } else {
+    VMETAFS_RETURN_IF_ERROR(PathOf(node.id(), &path));
+    VMETAFS_RETURN_IF_ERROR(backend_->Lstat(path, &st));
+  }
+  mode_t kill = SuidGidToKill(st.st_mode);
+  if (kill == 0) {
+    node.SawNoSuidGid(epoch);
+    return Status::Ok();
+  }
+  mode_t mode = st.st_mode & 07777 & ~kill;
+  return file != nullptr ? file->Chmod(mode) : backend_->Chmod(path, mode);
 }
 
 }  // namespace vmetafs::fusefs

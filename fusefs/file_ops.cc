@@ -27,7 +27,8 @@ Status Filesystem::Open(fuse_ino_t ino, fuse_file_info* fi) {
   FileHandle* fh = nullptr;
   VMETAFS_RETURN_IF_ERROR(OpenHandle(node, BackendOpenFlags(fi->flags), &fh));
   if ((fi->flags & O_TRUNC) != 0 && Writable(fi->flags)) {
-    Status st = TruncateThrough(*fh, 0);
+    Status st = KillSuidGidIfAsked(*node, fh->file.get());
+    if (st.ok()) st = TruncateThrough(*fh, 0);
     if (!st.ok()) {
       CloseHandle(fh);
       return st;
@@ -49,10 +50,13 @@ Status Filesystem::Create(fuse_ino_t parent, const char* name, mode_t mode, cons
   struct stat st;
   VMETAFS_RETURN_IF_ERROR(file->Fstat(&st));
   std::shared_ptr<Inode> node = inodes_.Lookup(parent, name, st);
+  NoteMode(*node, st.st_mode);
   FileHandle* fh = nullptr;
   Status s = Attach(node, std::move(file), flags, &fh);
-  if (s.ok() && (fi->flags & O_TRUNC) != 0 && st.st_size > 0 && Writable(fi->flags)) {
-    s = TruncateThrough(*fh, 0);
+  // Another client may have created the file first: then this is an open of it.
+  if (s.ok() && (fi->flags & O_TRUNC) != 0 && Writable(fi->flags)) {
+    s = KillSuidGidIfAsked(*node, fh->file.get());
+    if (s.ok() && st.st_size > 0) s = TruncateThrough(*fh, 0);
     if (!s.ok()) CloseHandle(fh);
   }
   if (!s.ok()) {
@@ -81,6 +85,7 @@ Status Filesystem::Read(fuse_file_info* fi, size_t size, off_t offset,
 
 Status Filesystem::Write(fuse_file_info* fi, fuse_bufvec* in, off_t offset, size_t* written) {
   FileHandle& fh = Handle(fi);
+  VMETAFS_RETURN_IF_ERROR(KillSuidGidIfAsked(*fh.inode, fh.file.get()));
   const fuse_buf& first = in->buf[0];
   size_t size = fuse_buf_size(in);
   std::span<const uint8_t> data;
@@ -111,6 +116,7 @@ void Filesystem::Release(fuse_file_info* fi) { CloseHandle(&Handle(fi)); }
 
 Status Filesystem::Fallocate(fuse_file_info* fi, int mode, off_t offset, off_t length) {
   FileHandle& fh = Handle(fi);
+  VMETAFS_RETURN_IF_ERROR(KillSuidGidIfAsked(*fh.inode, fh.file.get()));
   uint64_t off = static_cast<uint64_t>(offset), len = static_cast<uint64_t>(length);
   auto allocate = [&] { return fh.file->Fallocate(mode, off, len); };
   if (fh.image == nullptr) return allocate();

@@ -43,7 +43,9 @@ Status Filesystem::ChildPathOf(fuse_ino_t parent, const char* name, std::string*
 void Filesystem::EntryFromStat(fuse_ino_t parent, const std::string& name, const struct stat& st,
                                fuse_entry_param* e) {
   *e = fuse_entry_param{};
-  e->ino = inodes_.Lookup(parent, name, st)->id();
+  std::shared_ptr<Inode> node = inodes_.Lookup(parent, name, st);
+  NoteMode(*node, st.st_mode);
+  e->ino = node->id();
   e->attr = st;
   e->attr_timeout = config_.timeout;
   e->entry_timeout = config_.timeout;
@@ -82,15 +84,22 @@ void Filesystem::Forget(fuse_ino_t ino, uint64_t nlookup) { inodes_.Forget(ino, 
 Status Filesystem::Getattr(fuse_ino_t ino, fuse_file_info* fi, struct stat* st) {
   std::shared_ptr<Inode> node = Node(ino);
   if (node == nullptr) return Stale();
-  if (FileHandle* fh = HandleOf(*node, fi)) return fh->file->Fstat(st);
+  Status s = Stat(*node, fi, st);
+  if (s.ok()) NoteMode(*node, st->st_mode);
+  return s;
+}
+
+Status Filesystem::Stat(Inode& node, fuse_file_info* fi, struct stat* st) {
+  const fuse_ino_t ino = node.id();
+  if (FileHandle* fh = HandleOf(node, fi)) return fh->file->Fstat(st);
   std::string path;
   if (inodes_.Path(ino, &path)) {
     Status s = backend_->Lstat(path, st);
-    if (s.ok() && (ino == FUSE_ROOT_ID || node->Matches(*st))) return s;
+    if (s.ok() && (ino == FUSE_ROOT_ID || node.Matches(*st))) return s;
     if (!s.ok() && s.Errno() != ENOENT) return s;
   }
   // Unlinked, or its name now holds another file: an open handle still knows it.
-  return StatOpen(*node, st);
+  return StatOpen(node, st);
 }
 
 Status Filesystem::Setattr(fuse_ino_t ino, const struct stat& attr, int to_set, fuse_file_info* fi,
@@ -105,12 +114,16 @@ Status Filesystem::Setattr(fuse_ino_t ino, const struct stat& attr, int to_set, 
     uid_t uid = (to_set & FUSE_SET_ATTR_UID) != 0 ? attr.st_uid : static_cast<uid_t>(-1);
     gid_t gid = (to_set & FUSE_SET_ATTR_GID) != 0 ? attr.st_gid : static_cast<gid_t>(-1);
     VMETAFS_RETURN_IF_ERROR(backend_->Chown(path, uid, gid));
+    // chown(2) clears the bits whoever calls it. A kernel that leaves that to the daemon does not
+    // ask for it, and what an NFS server does for its root caller is the server's choice.
+    VMETAFS_RETURN_IF_ERROR(KillSuidGid(*node, fh != nullptr ? fh->file.get() : nullptr));
   }
   if ((to_set & FUSE_SET_ATTR_MODE) != 0) {
     if (!named) return Stale();
     VMETAFS_RETURN_IF_ERROR(backend_->Chmod(path, attr.st_mode & 07777));
   }
   if ((to_set & FUSE_SET_ATTR_SIZE) != 0) {
+    VMETAFS_RETURN_IF_ERROR(KillSuidGidIfAsked(*node, fh != nullptr ? fh->file.get() : nullptr));
     VMETAFS_RETURN_IF_ERROR(TruncateFile(node, fh, static_cast<uint64_t>(attr.st_size)));
   }
   if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0) {

@@ -2,7 +2,9 @@
 //
 // Each method serves one FUSE request and returns a Status whose Errno() the operation table
 // (operations.cc) replies with; on success the outputs are filled and the reply is the table's.
-// Methods are called concurrently from libfuse's worker threads.
+// Methods are called concurrently from libfuse's worker threads. Write, Fallocate, Setattr, Open
+// and Create clear set-user-ID/set-group-ID bits when the request being served asks for it
+// (KillSuidGidRequested, killpriv_v2.h); chown always does.
 //
 // Open files. Every open through the mount gets a FileHandle (fi->fh) with its own backend File
 // (honouring the client's O_DIRECT). The first open of a backing file, while no other is active,
@@ -114,6 +116,8 @@ class Filesystem {
   Status PathOf(fuse_ino_t ino, std::string* path) const;
   Status ChildPathOf(fuse_ino_t parent, const char* name, std::string* path) const;
   // Stats `path` and counts a lookup of it as `name` in `parent`.
+  // Getattr's stat, without noting the mode.
+  Status Stat(Inode& node, fuse_file_info* fi, struct stat* st);
   Status Entry(fuse_ino_t parent, const std::string& name, const std::string& path,
                fuse_entry_param* e);
   void EntryFromStat(fuse_ino_t parent, const std::string& name, const struct stat& st,
@@ -121,6 +125,14 @@ class Filesystem {
   // New entries belong to the caller, as if it had created them on the backing itself.
   void GiveToCaller(fuse_ino_t parent, const std::string& path, const fuse_ctx* ctx);
   Status TruncateFile(const std::shared_ptr<Inode>& node, FileHandle* fh, uint64_t size);
+
+  // Set-user-ID and set-group-ID (killpriv_v2.h). The daemon writes and truncates as root, so the
+  // backing keeps the bits where the client's own write would have lost them: when the kernel
+  // leaves clearing them to the daemon, KillSuidGid clears set-user-ID, and set-group-ID of a
+  // group-executable file, through `file` (or by path when null). NoteMode records a stat's mode.
+  Status KillSuidGidIfAsked(Inode& node, backend::File* file);
+  Status KillSuidGid(Inode& node, backend::File* file);
+  static void NoteMode(Inode& node, mode_t mode);
 
   // Open handles (file_handles.cc).
   Status OpenHandle(const std::shared_ptr<Inode>& node, int flags, FileHandle** out);

@@ -20,6 +20,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -59,8 +60,20 @@ class Inode {
 
   OpenFile open;
 
+  // The daemon's S_NOSEC: whether the file is known to have neither set-user-ID nor set-group-ID
+  // with group-execute, so that a request asking to clear them needs no look at the backing.
+  // Known from a stat taken after ModeEpoch() returned `epoch` (SawNoSuidGid); forgotten by
+  // ModeChanged(), which is called after every stat that shows the bits (a chmod through the
+  // mount ends with one).
+  bool KnownNoSuidGid() const { return nosec_epoch_.load() == mode_epoch_.load(); }
+  uint64_t ModeEpoch() const { return mode_epoch_.load(); }
+  void SawNoSuidGid(uint64_t epoch) { nosec_epoch_.store(epoch); }
+  void ModeChanged() { mode_epoch_.fetch_add(1); }
+
  private:
   friend class InodeTable;
+  std::atomic<uint64_t> mode_epoch_{0};
+  std::atomic<uint64_t> nosec_epoch_{UINT64_MAX};
   const fuse_ino_t id_;
   const dev_t dev_;
   const ino_t ino_;

@@ -11,14 +11,20 @@
 namespace vmetafs::fusefs {
 namespace {
 
-enum Key { kStore, kSync, kJournal, kUnprotected, kThreads, kHelp, kVersion };
+enum Key { kStore, kSync, kJournal, kUnprotected, kThreads, kKillPrivV2, kHelp, kVersion };
 
 const struct fuse_opt kSpecs[] = {
-    FUSE_OPT_KEY("store=", kStore),      FUSE_OPT_KEY("sync=", kSync),
-    FUSE_OPT_KEY("journal=", kJournal),  FUSE_OPT_KEY("unprotected_writes=", kUnprotected),
-    FUSE_OPT_KEY("threads=", kThreads),  FUSE_OPT_KEY("-h", kHelp),
-    FUSE_OPT_KEY("--help", kHelp),       FUSE_OPT_KEY("-V", kVersion),
-    FUSE_OPT_KEY("--version", kVersion), FUSE_OPT_END,
+    FUSE_OPT_KEY("store=", kStore),
+    FUSE_OPT_KEY("sync=", kSync),
+    FUSE_OPT_KEY("journal=", kJournal),
+    FUSE_OPT_KEY("unprotected_writes=", kUnprotected),
+    FUSE_OPT_KEY("threads=", kThreads),
+    FUSE_OPT_KEY("killpriv_v2=", kKillPrivV2),
+    FUSE_OPT_KEY("-h", kHelp),
+    FUSE_OPT_KEY("--help", kHelp),
+    FUSE_OPT_KEY("-V", kVersion),
+    FUSE_OPT_KEY("--version", kVersion),
+    FUSE_OPT_END,
 };
 
 constexpr const char* kUsage = R"(usage: vmetafs BACKING MOUNTPOINT [options]
@@ -39,6 +45,10 @@ vmetafs options:
                            when the journal cannot be written: keep serving the write and mark
                            the image unprotected (continue, default), or fail the write (fail)
     -o threads=N           FUSE worker threads kept idle (default: 16)
+    -o killpriv_v2=on|off  on: negotiate FUSE_HANDLE_KILLPRIV_V2 with the kernel when it offers it,
+                           the daemon then clears set-user-ID/set-group-ID bits on write,
+                           truncate and chown, and the kernel stops asking for
+                           security.capability before every write and fallocate (default: on)
     -f                     stay in the foreground, log to stderr (default: daemonize, log to syslog)
     -d                     debug output (implies -f)
     -s                     single-threaded
@@ -94,12 +104,16 @@ bool ParseValue(int key, std::string_view value, Options* o) {
       return value == "fail" || value == "continue";
     case kThreads:
       return ParseUnsigned(value, 1, 1024, &o->threads);
+    case kKillPrivV2:
+      o->killpriv_v2 = value == "on";
+      return value == "on" || value == "off";
   }
   return false;
 }
 
-constexpr const char* kExpected[] = {"a directory", "flush, write or periodic:MS", "on or off",
-                                     "continue or fail", "a number from 1 to 1024"};
+constexpr const char* kExpected[] = {
+    "a directory",      "flush, write or periodic:MS", "on or off",
+    "continue or fail", "a number from 1 to 1024",     "on or off"};
 
 int OptProc(void* data, const char* arg, int key, struct fuse_args*) {
   auto* state = static_cast<ParseState*>(data);
@@ -113,7 +127,7 @@ int OptProc(void* data, const char* arg, int key, struct fuse_args*) {
     (key == kHelp ? state->help : state->version) = true;
     return 0;
   }
-  if (key < kStore || key > kThreads) return 1;  // FUSE's own: keep for libfuse
+  if (key < kStore || key > kKillPrivV2) return 1;  // FUSE's own: keep for libfuse
   std::string_view option(arg);
   std::string_view value = option.substr(option.find('=') + 1);
   if (!ParseValue(key, value, state->options) && state->error.empty()) {

@@ -1,8 +1,8 @@
 // Options: the command line of `vmetafs BACKING MOUNTPOINT [-o ...] [-f] [-d]`.
 //
-// vmetafs's own -o options (store, sync, journal, unprotected_writes, threads) are taken out;
-// everything else (allow_other, ro, fsname...) is left for libfuse, which rejects what it does not
-// know when the session is created.
+// vmetafs's own -o options (store, sync, journal, unprotected_writes, threads, killpriv_v2) are
+// taken out; everything else (allow_other, ro, fsname...) is left for libfuse, which rejects what
+// it does not know when the session is created.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +26,8 @@ struct Options {
   store::SyncMode sync = store::SyncMode::kFlush;
   uint32_t periodic_ms = 1000;
   bool fail_unprotected_writes = false;
-  unsigned threads = 16;  // libfuse's max_idle_threads
+  unsigned threads = 16;    // libfuse's max_idle_threads
+  bool killpriv_v2 = true;  // negotiate FUSE_HANDLE_KILLPRIV_V2 (killpriv_v2.h)
   bool foreground = false;
   bool debug = false;
   bool single_thread = false;

@@ -1,0 +1,36 @@
+// FUSE_HANDLE_KILLPRIV_V2 on libfuse 3.14, which neither negotiates it nor hands the kernel's
+// per-request "clear set-user-ID/set-group-ID" flags to the filesystem.
+//
+// Why: without it the kernel does not mark the mount SB_NOSEC, so no inode is ever S_NOSEC and
+// every fallocate asks the daemon for the file's security.capability (a GETXATTR round trip per
+// guest write on an allocating image). With it the kernel asks once per inode, and leaves clearing
+// the bits on write, truncate and chown to the daemon.
+//
+// How: the session's reads and writes of /dev/fuse go through hooks (fuse_session_custom_io). The
+// write hook adds the flag to the INIT reply when the kernel offered it. The read hook notes, for
+// the calling thread, whether the request it just read asks for the bits to be cleared: libfuse's
+// loops (fuse_session_loop, and fuse_do_work of the multi-threaded one) process a request on the
+// thread that read it, so the request's handler finds its own note.
+#pragma once
+
+#include <fuse_lowlevel.h>
+
+#include "store/status.h"
+
+namespace vmetafs::fusefs {
+
+// Installs the hooks on `se`: after fuse_session_mount, before the loop. One session per process.
+Status OfferKillPrivV2(fuse_session* se);
+
+// Whether the INIT reply carried FUSE_HANDLE_KILLPRIV_V2 (false until the kernel's INIT).
+bool KillPrivV2Negotiated();
+
+// For the request the calling thread serves: whether set-user-ID, and set-group-ID of a
+// group-executable file, must be cleared. True for a WRITE with FUSE_WRITE_KILL_SUIDGID, a
+// SETATTR with FATTR_KILL_SUIDGID, an OPEN or CREATE with FUSE_OPEN_KILL_SUIDGID (the kernel sets
+// them when the caller lacks CAP_FSETID), and a FALLOCATE by a caller other than root (the kernel
+// flags none: its own attempt becomes an empty SETATTR once the flag is negotiated). Always false
+// when the flag was not negotiated: the kernel clears the bits itself then.
+bool KillSuidGidRequested();
+
+}  // namespace vmetafs::fusefs
