@@ -97,10 +97,13 @@ ssize_t WriteInitReply(int fd, const struct iovec* iov) {
   std::memcpy(&out, iov[1].iov_base, out_len);
   out.flags |= FUSE_HANDLE_KILLPRIV_V2;
   struct iovec copy[2] = {iov[0], {&out, out_len}};
+  // Set before the kernel sees the reply: it sends other requests, to other threads, at once.
+  negotiated.store(true);
   ssize_t n = writev(fd, copy, 2);
   int err = errno;
-  if (n >= 0) {
-    negotiated.store(true);
+  if (n < 0) {
+    negotiated.store(false);
+  } else {
     spdlog::info("FUSE_HANDLE_KILLPRIV_V2 negotiated: the daemon clears set-user-ID/set-group-ID");
   }
   errno = err;
@@ -115,7 +118,8 @@ ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
     if (offered && count == 2 && iov[1].iov_len <= sizeof(fuse_init_out)) {
       return WriteInitReply(fd, iov);
     }
-    spdlog::info("FUSE_HANDLE_KILLPRIV_V2 not negotiated: the kernel did not offer it");
+    spdlog::info("FUSE_HANDLE_KILLPRIV_V2 not negotiated: {}",
+                 offered ? "unexpected INIT reply layout" : "the kernel did not offer it");
   }
   return writev(fd, iov, count);
 }
