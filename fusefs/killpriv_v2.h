@@ -29,8 +29,9 @@ bool KillPrivV2Negotiated();
 // group-executable file, must be cleared. True for a WRITE with FUSE_WRITE_KILL_SUIDGID, a
 // SETATTR with FATTR_KILL_SUIDGID, an OPEN or CREATE with FUSE_OPEN_KILL_SUIDGID (the kernel sets
 // them when the caller lacks CAP_FSETID), and a FALLOCATE by a caller other than root (the kernel
-// flags none: its own attempt becomes an empty SETATTR once the flag is negotiated). Always false
-// when the flag was not negotiated: the kernel clears the bits itself then.
+// flags none, and once the flag is negotiated it drops its own attempt). Always false when the
+// flag was not negotiated: the kernel then clears the bits itself, except on a direct-I/O write
+// and on open(O_TRUNC), where nobody does.
 bool KillSuidGidRequested();
 
 }  // namespace vmetafs::fusefs
