@@ -16,6 +16,7 @@
 #include <mutex>
 #include <set>
 #include <shared_mutex>
+#include <unordered_map>
 
 #include "store/journal_codec.h"
 #include "store/journal_rocks.h"
@@ -541,9 +542,22 @@ Status Journal::AddEvent(Event* event, const std::vector<QuarantinedUnit>& quara
   if (event->time_ns == 0) event->time_ns = NowNs();
   WriteSet ws;
   ws.Put(st.cf(Cf::kEvents), jc::EventKey(event->image_id, event->seq), jc::EncodeEvent(*event));
+  // Identical bytes are stored once per event: zeroed tables are all alike, and this record is
+  // synced before the restore writes anything.
+  std::unordered_multimap<uint64_t, const QuarantinedUnit*> stored;
   for (const QuarantinedUnit& q : quarantine) {
+    const uint64_t hash =
+        ContentHash({reinterpret_cast<const uint8_t*>(q.bytes.data()), q.bytes.size()});
+    const MetadataUnit* same_as = nullptr;
+    for (auto [it, end] = stored.equal_range(hash); it != end; ++it) {
+      if (it->second->bytes == q.bytes) {
+        same_as = &it->second->unit;
+        break;
+      }
+    }
+    if (same_as == nullptr) stored.emplace(hash, &q);
     ws.Put(st.cf(Cf::kQuarantine), jc::QuarantineKey(event->seq, q.unit.extent, q.unit.offset),
-           jc::EncodeQuarantine(q));
+           jc::EncodeQuarantine(q, same_as));
   }
   ws.Merge(st.cf(Cf::kDefault), jc::kNextSeqKey, jc::EncodeCounter(event->seq + 1));
   // Always synced: the quarantined bytes must be safe before a restore overwrites them.
@@ -568,7 +582,29 @@ Status Journal::AllEvents(std::vector<Event>* out) const {
 Status Journal::Quarantine(uint64_t event_seq, std::vector<QuarantinedUnit>* out) const {
   std::shared_lock<std::shared_mutex> alive(impl_->life);
   VMETAFS_RETURN_IF_ERROR(impl_->CheckOpen());
-  return impl_->Collect(Cf::kQuarantine, jc::IdPrefix(event_seq), jc::DecodeQuarantine, out);
+  std::vector<jc::QuarantineRecord> records;
+  VMETAFS_RETURN_IF_ERROR(
+      impl_->Collect(Cf::kQuarantine, jc::IdPrefix(event_seq), jc::DecodeQuarantine, &records));
+  std::map<std::pair<uint16_t, uint64_t>, const std::string*> held;
+  for (const jc::QuarantineRecord& r : records) {
+    if (!r.same_as) held.emplace(std::pair(r.unit.unit.extent, r.unit.unit.offset), &r.unit.bytes);
+  }
+  out->clear();
+  out->reserve(records.size());
+  for (jc::QuarantineRecord& r : records) {
+    if (r.same_as) {
+      auto it = held.find({r.same_extent, r.same_offset});
+      if (it == held.end() || it->second->size() != r.unit.unit.length) {
+        return Status::Corruption(fmt::format(
+            "quarantine of event {}: the unit at {} names unit {}:{} for its bytes, which the "
+            "event does not hold",
+            event_seq, r.unit.unit.offset, r.same_extent, r.same_offset));
+      }
+      r.unit.bytes = *it->second;
+    }
+  }
+  for (jc::QuarantineRecord& r : records) out->push_back(std::move(r.unit));
+  return Status::Ok();
 }
 
 Status Journal::ImageUsage(uint64_t image_id, Usage* out) const {

@@ -10,6 +10,9 @@ namespace {
 
 constexpr uint8_t kUnitMovesMap = 1 << 0;
 constexpr uint8_t kUnitHasPrev = 1 << 1;
+// A quarantined unit whose bytes equal another unit's of the same event names that unit instead
+// of holding a copy (a restore of zeroed tables replaces thousands of identical units).
+constexpr uint8_t kQuarantineSameAs = 1 << 2;
 constexpr uint8_t kImageInUse = 1 << 0;
 
 void PutU8(std::string* dst, uint8_t v) { dst->push_back(static_cast<char>(v)); }
@@ -94,7 +97,8 @@ bool GetUnitShape(Reader* r, MetadataUnit* u, uint8_t* flags) {
   u->length = r->Be32();
   u->kind = static_cast<UnitKind>(kind);
   u->moves_map = (*flags & kUnitMovesMap) != 0;
-  return !r->failed() && u->length != 0 && (*flags & ~(kUnitMovesMap | kUnitHasPrev)) == 0;
+  return !r->failed() && u->length != 0 &&
+         (*flags & ~(kUnitMovesMap | kUnitHasPrev | kQuarantineSameAs)) == 0;
 }
 
 Status DecodeUnitFields(Reader* r, std::string_view key, UnitVersion* v, uint64_t* history) {
@@ -344,15 +348,22 @@ Status DecodeEvent(std::string_view key, std::string_view value, Event* e) {
   return r.Done() ? Status::Ok() : Bad("event");
 }
 
-std::string EncodeQuarantine(const QuarantinedUnit& q) {
+std::string EncodeQuarantine(const QuarantinedUnit& q, const MetadataUnit* same_as) {
   std::string v;
   PutU8(&v, kRecordVersion);
-  PutUnitShape(&v, q.unit, 0);
-  v.append(q.bytes);
+  PutUnitShape(&v, q.unit, same_as ? kQuarantineSameAs : 0);
+  if (same_as) {
+    PutBe16(&v, same_as->extent);
+    PutBe64(&v, same_as->offset);
+  } else {
+    v.append(q.bytes);
+  }
   return v;
 }
 
-Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantinedUnit* q) {
+Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* rec) {
+  *rec = QuarantineRecord{};
+  QuarantinedUnit* q = &rec->unit;
   Reader k(key);
   k.Be64();  // the event's seq: the caller asked for it
   q->unit.extent = k.Be16();
@@ -362,7 +373,14 @@ Status DecodeQuarantine(std::string_view key, std::string_view value, Quarantine
   VMETAFS_RETURN_IF_ERROR(CheckVersion(&r, "quarantine"));
   uint8_t flags = 0;
   if (!GetUnitShape(&r, &q->unit, &flags) || flags & kUnitHasPrev) return Bad("quarantine");
-  q->bytes = std::string(r.Rest());
+  rec->same_as = (flags & kQuarantineSameAs) != 0;
+  if (rec->same_as) {
+    rec->same_extent = r.Be16();
+    rec->same_offset = r.Be64();
+    if (r.failed() || !r.Done()) return Bad("quarantine");
+  } else {
+    q->bytes = std::string(r.Rest());
+  }
   return Status::Ok();
 }
 

@@ -80,7 +80,15 @@ Status DecodeHistoryValue(std::string_view unit_key, std::string_view value, Uni
 std::string EncodeEvent(const Event& e);
 Status DecodeEvent(std::string_view key, std::string_view value, Event* e);
 
-std::string EncodeQuarantine(const QuarantinedUnit& q);
-Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantinedUnit* q);
+// A quarantined unit; with `same_as`, its bytes are those of that unit of the same event and are
+// not stored again.
+std::string EncodeQuarantine(const QuarantinedUnit& q, const MetadataUnit* same_as);
+struct QuarantineRecord {
+  QuarantinedUnit unit;  // bytes empty when same_as
+  bool same_as = false;
+  uint16_t same_extent = 0;
+  uint64_t same_offset = 0;
+};
+Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* rec);
 
 }  // namespace vmetafs::store::journal_codec

@@ -567,6 +567,42 @@ TEST_CASE("events and quarantined bytes round-trip", "[journal]") {
   CHECK(back.empty());
 }
 
+TEST_CASE("identical quarantined bytes are stored once and read back whole", "[journal]") {
+  ScratchDir dir;
+  // A restore of zeroed tables: 256 identical 64 KiB units (16 MiB), and two that differ.
+  std::vector<QuarantinedUnit> quarantine;
+  for (uint64_t i = 0; i < 256; ++i) {
+    quarantine.push_back(
+        {Unit((i + 1) << 20, 65536, UnitKind::kL2Table), std::string(65536, '\0')});
+  }
+  quarantine.push_back({Unit(300u << 20, 65536, UnitKind::kL2Table), std::string(65536, 'a')});
+  quarantine.push_back({Unit(0, 512, UnitKind::kHeader), std::string(512, '\0')});
+  uint64_t seq = 0;
+  {
+    auto j = OpenOk(dir.File("store"), Options());
+    ImageRecord a;
+    REQUIRE_OK(j->CreateImage("a.qcow2", &a));
+    Event restored = MakeEvent(a.id, "a.qcow2", Action::kRestored, "zeroed tables");
+    REQUIRE_OK(j->AddEvent(&restored, quarantine));
+    seq = restored.seq;
+  }
+  uintmax_t stored = 0;
+  for (const auto& [name, size] : Listing(dir.File("store"))) stored += size;
+  CHECK(stored < (4u << 20));  // not 16 MiB of zeros in the write-ahead log
+
+  auto j = OpenOk(dir.File("store"), Options());
+  std::vector<QuarantinedUnit> back;
+  REQUIRE_OK(j->Quarantine(seq, &back));
+  REQUIRE(back.size() == quarantine.size());
+  std::map<uint64_t, const QuarantinedUnit*> by_offset;
+  for (const QuarantinedUnit& q : back) by_offset[q.unit.offset] = &q;
+  for (const QuarantinedUnit& q : quarantine) {
+    REQUIRE(by_offset.count(q.unit.offset) == 1);
+    CHECK(by_offset[q.unit.offset]->unit == q.unit);
+    CHECK(by_offset[q.unit.offset]->bytes == q.bytes);
+  }
+}
+
 TEST_CASE("action names round-trip", "[journal]") {
   for (Action a : {Action::kBaseline, Action::kVerified, Action::kRestored, Action::kAdopted,
                    Action::kRefused}) {
