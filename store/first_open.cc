@@ -157,7 +157,7 @@ Status ProtectedImage::Decide(ImageRecord record, OpenDecision* decision) {
       break;
     case Action::kRestored: {
       std::vector<QuarantinedUnit> unwritten;
-      VMETAFS_RETURN_IF_ERROR(Restore(journal, record, *st.file, plan, nullptr, &unwritten));
+      VMETAFS_RETURN_IF_ERROR(Restore(journal, record, *st.file, &plan, nullptr, &unwritten));
       if (!unwritten.empty()) {
         // The storage refused the write-back: serve the journal's units while the file is open.
         for (QuarantinedUnit& u : unwritten) st.served.emplace(u.unit.offset, std::move(u.bytes));

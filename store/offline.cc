@@ -74,7 +74,7 @@ Status CarryOutDecision(Journal& journal, ImageFile& file, const ParseLimits& li
                         const ProgressFn& progress, OfflineDecision* d, OfflineOutcome* outcome) {
   *outcome = OfflineOutcome{};
   Verification& v = d->verification;
-  const Plan& plan = d->plan;
+  Plan& plan = d->plan;
   if (d->unprotectable) {
     outcome->problems = v.storage.problems;
     return Status::Ok();
@@ -93,7 +93,7 @@ Status CarryOutDecision(Journal& journal, ImageFile& file, const ParseLimits& li
       break;
     case Action::kRestored: {
       std::vector<QuarantinedUnit> unwritten;
-      VMETAFS_RETURN_IF_ERROR(Restore(journal, v.image, file, plan, progress, &unwritten));
+      VMETAFS_RETURN_IF_ERROR(Restore(journal, v.image, file, &plan, progress, &unwritten));
       if (!unwritten.empty()) {
         return Status::IoError(
             fmt::format("{}: the storage refused the restored units (see `meta-restore history`)",

@@ -4,9 +4,13 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <future>
 #include <map>
+#include <mutex>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "store/range_reader.h"
@@ -268,19 +272,51 @@ Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verifi
 
 namespace {
 
+// The journal's latest content of `units`, read on a few threads: each is a point read and a
+// decompression in RocksDB, and a restore of a large image needs thousands.
+Status GetUnits(const Journal& journal, uint64_t image_id, const std::vector<MetadataUnit>& units,
+                std::vector<UnitVersion>* out) {
+  constexpr size_t kThreads = 4;
+  out->assign(units.size(), UnitVersion{});
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  size_t failed_at = units.size();  // guarded by mu: the first unit that failed, and why
+  Status failure;
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < units.size();) {
+      Status s = journal.GetUnit(image_id, units[i], &(*out)[i]);
+      if (s.ok()) continue;
+      std::lock_guard<std::mutex> lock(mu);
+      if (i < failed_at) {
+        failed_at = i;
+        failure = std::move(s);
+      }
+      next = units.size();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < std::min(kThreads, units.size()); ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& t : helpers) t.join();
+  return failed_at < units.size() ? failure : Status::Ok();
+}
+
 // Lays the journal's content over the units that differ from it: the journal's view of `file`.
 // *laid, when given, receives that content, in the order of v.units (a restore writes it).
 Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay,
                       std::vector<QuarantinedUnit>* laid = nullptr) {
+  std::vector<MetadataUnit> differing;
   for (const UnitCheck& c : v.units) {
-    if (c.result != UnitCheck::Result::kDiffers && c.result != UnitCheck::Result::kMissing)
-      continue;
-    UnitVersion full;
-    VMETAFS_RETURN_IF_ERROR(journal.GetUnit(v.image.id, c.journaled.unit, &full));
-    overlay->Add(full.unit.extent, full.unit.offset,
-                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full.content.data()),
-                                          full.content.size()));
-    if (laid != nullptr) laid->push_back({c.journaled.unit, std::move(full.content)});
+    if (c.result == UnitCheck::Result::kDiffers || c.result == UnitCheck::Result::kMissing)
+      differing.push_back(c.journaled.unit);
+  }
+  std::vector<UnitVersion> full;
+  VMETAFS_RETURN_IF_ERROR(GetUnits(journal, v.image.id, differing, &full));
+  for (UnitVersion& f : full) {
+    overlay->Add(f.unit.extent, f.unit.offset,
+                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.content.data()),
+                                          f.content.size()));
+    if (laid != nullptr) laid->push_back({f.unit, std::move(f.content)});
   }
   return Status::Ok();
 }
@@ -343,12 +379,31 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   const std::string what =
       fmt::format("{} of {} units differ from the journal ({}{})", differing.size(),
                   v->units.size(), DescribeUnits(differing), DescribeExtents(differing, *v));
+  ParsedImage view;
+  std::vector<std::string> view_problems;
+  std::vector<QuarantinedUnit> laid;
+  // After our own crash (in_use) the journal's view is what vmetafs wrote, journaled ahead: it may
+  // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
+  // but qemu does not. Only a view laid over someone else's changes needs the deep check.
+  const bool deep = v->changed_outside && !v->image.in_use;
+  auto journal_view = [&] {
+    return JournalView(journal, file, limits, *v, deep, &view, &view_problems, &laid);
+  };
+  bool have_view = false;
   if (v->changed_outside) {
+    // Both deep checks take a while on a large image (every cluster reference is counted) and
+    // the journal's view is needed unless the storage is valid: they run side by side. They
+    // share only what neither writes (the units, the file, the journal).
+    std::future<Status> view_done;
+    if (deep) view_done = std::async(std::launch::async, journal_view);
     // After an unclean stop the storage may be newer than the journal (unsynced journal, kept
     // storage writes) with the leaks of an allocation in flight: qemu accepts those, and so
     // adopting keeps what the storage holds durably instead of rolling it back.
-    VMETAFS_RETURN_IF_ERROR(v->image.in_use ? CheckStorageAfterCrash(journal, file, limits, v)
-                                            : CheckStorageDeep(file, limits, v));
+    Status checked = v->image.in_use ? CheckStorageAfterCrash(journal, file, limits, v)
+                                     : CheckStorageDeep(file, limits, v);
+    have_view = view_done.valid();
+    Status viewed = have_view ? view_done.get() : Status::Ok();
+    VMETAFS_RETURN_IF_ERROR(checked);
     if (v->storage_valid()) {
       plan->action = Action::kAdopted;
       plan->units = differing;
@@ -364,16 +419,9 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
           what);
       return Status::Ok();
     }
+    VMETAFS_RETURN_IF_ERROR(viewed);
   }
-  ParsedImage view;
-  std::vector<std::string> view_problems;
-  // After our own crash (in_use) the journal's view is what vmetafs wrote, journaled ahead: it may
-  // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
-  // but qemu does not. Only a view laid over someone else's changes needs the deep check.
-  const bool deep = v->changed_outside && !v->image.in_use;
-  std::vector<QuarantinedUnit> laid;
-  VMETAFS_RETURN_IF_ERROR(
-      JournalView(journal, file, limits, *v, deep, &view, &view_problems, &laid));
+  if (!have_view) VMETAFS_RETURN_IF_ERROR(journal_view());
   if (!view_problems.empty()) {
     plan->action = Action::kRefused;
     plan->units = differing;
@@ -433,19 +481,20 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
   return journal.AddEvent(&e, quarantine);
 }
 
-Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
+Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan* plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
   std::vector<QuarantinedUnit> contents;
-  if (plan.contents.size() == plan.restore.size()) {
-    contents = plan.contents;  // Decide read them from the journal already
+  if (plan->contents.size() == plan->restore.size()) {
+    contents = std::move(plan->contents);  // Decide read them from the journal already
+    plan->contents.clear();
   } else {
-    for (const MetadataUnit& u : plan.restore) {
+    for (const MetadataUnit& u : plan->restore) {
       UnitVersion full;
       VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
       contents.push_back({u, std::move(full.content)});
     }
   }
-  return RestoreContents(journal, image, file, std::move(contents), plan.detail, progress,
+  return RestoreContents(journal, image, file, std::move(contents), plan->detail, progress,
                          unwritten);
 }
 

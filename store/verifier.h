@@ -84,8 +84,9 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
 // Carries out a kRestored plan: the bytes being replaced go to quarantine with the event, the
 // journal's units are written and synced, the result is verified again. When the storage refuses
 // the writes, *unwritten receives the units (with journal content) the caller must serve from
-// memory, and the event says so. Records the event.
-Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, const Plan& plan,
+// memory, and the event says so. Records the event. Takes plan->contents (no copy of what may
+// be all of a large image's tables); the rest of *plan stays.
+Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan* plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
 
 // After Restore wrote plan.restore (and the storage took it), the storage holds the journal's
