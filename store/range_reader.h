@@ -4,7 +4,9 @@
 // The first open reads every journaled unit of an image (a 1 TiB qcow2 holds 160 MiB of L2 and
 // refcount blocks). One thread issuing one large read after another leaves the storage idle
 // while each result is hashed or journaled, and a single request in flight is far from what a
-// disk or an NFS server delivers with several: this keeps kReaders requests in flight.
+// disk or an NFS server delivers with several: this keeps kReaders requests in flight. The tables
+// of a large qcow2 lie 512 MiB apart, each its own read: a virtual disk measured here served 64 KiB
+// reads at 15k/s with 4 in flight and 22k/s with 16.
 //
 // Bytes of a range past the file's end (as the file's size was when the reader was made) read as
 // zeros. Memory: at most kWindow ranges are held, read but not yet taken.
@@ -32,8 +34,8 @@ struct ByteRange {
 
 class RangeReader {
  public:
-  static constexpr size_t kReaders = 4;
-  static constexpr size_t kWindow = 8;
+  static constexpr size_t kReaders = 16;
+  static constexpr size_t kWindow = 16;
 
   // Starts reading at once when there is more than one range; a single range is read by Take.
   RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges);
