@@ -318,24 +318,58 @@ def zero_ranges(path, ranges):
         os.close(fd)
 
 
+FIRST_OPEN_TIMES = ("baseline_open_seconds", "verify_open_seconds", "restore_open_seconds",
+                    "baseline_seconds", "verify_seconds", "verify_warm_seconds", "restore_seconds")
+
+
+def timed_open(path, cold_file=None):
+    """One open(2) through the mount: one first open, which verifies (or restores) before it
+    returns."""
+    if cold_file:
+        drop_file_cache(cold_file)
+    t = time.monotonic()
+    fd = os.open(path, os.O_RDONLY)
+    dt = time.monotonic() - t
+    os.close(fd)
+    return dt
+
+
 def first_open_once(m, img, ranges, digest):
-    """One round on a fresh store: baseline, verify (cold and warm), restore after the L2 tables
-    were zeroed on the backing. Each `qemu-img info` opens the image twice (format probe, then
-    the open): every figure holds two first opens, the second a verify with a warm cache."""
+    """One round on fresh stores: baseline, verify (cold and warm), restore after the L2 tables
+    were zeroed on the backing, checked byte for byte. Each step is timed twice: as one open(2)
+    through the mount (one first open, the figure the targets name) and as a `qemu-img info`,
+    which opens the image twice (format probe, then the open): the second of those is a first
+    open too and verifies again, with a warm cache."""
     r = {}
     mp = os.path.join(m.mnt, "big.qcow2")
-    shutil.rmtree(m.store, ignore_errors=True)
-    m.start("sync=flush")
-    r["baseline_seconds"] = timed_info(mp, img)
+
+    def fresh_store():
+        m.stop()
+        shutil.rmtree(m.store, ignore_errors=True)
+        m.start("sync=flush")
+
+    def restored():
+        _, after = read_ranges(img, ranges)
+        return after == digest
+
+    fresh_store()
+    r["baseline_open_seconds"] = timed_open(mp, img)
+    r["verify_open_seconds"] = timed_open(mp, img)
     r["verify_seconds"] = timed_info(mp, img)
     r["verify_warm_seconds"] = timed_info(mp)
+    fresh_store()
+    r["baseline_seconds"] = timed_info(mp, img)
     m.stop()
+    zero_ranges(img, ranges)
+    m.start("sync=flush")
+    r["restore_open_seconds"] = timed_open(mp, img)
+    m.stop()
+    correct = restored()
     zero_ranges(img, ranges)
     m.start("sync=flush")
     r["restore_seconds"] = timed_info(mp, img)
     m.stop()
-    _, after = read_ranges(img, ranges)
-    r["restore_correct"] = after == digest
+    r["restore_correct"] = correct and restored()
     return r
 
 
@@ -363,7 +397,7 @@ def first_open(work, build, cfg, reps):
             log("   rep %d %s" % (rep, " ".join("%s %.3f" % (k.replace("_seconds", ""), v)
                                              for k, v in rounds[-1].items()
                                              if k.endswith("_seconds"))))
-        for k in ("baseline_seconds", "verify_seconds", "verify_warm_seconds", "restore_seconds"):
+        for k in FIRST_OPEN_TIMES:
             r[k + "_runs"] = [x[k] for x in rounds]
             r[k] = statistics.median(r[k + "_runs"])
         r["restore_correct"] = all(x["restore_correct"] for x in rounds)
@@ -373,6 +407,7 @@ def first_open(work, build, cfg, reps):
         r["journal_units"], r["journal_metadata_bytes"] = ent["units"], ent["bytes"]
         r["store_du_bytes"] = int(run(["du", "-sb", m.store]).stdout.split()[0])
         r["store_per_metadata_byte"] = r["store_du_bytes"] / max(1, r["journal_metadata_bytes"])
+        r["verify_open_MBps"] = r["journal_metadata_bytes"] / r["verify_open_seconds"] / 1e6
         r["verify_MBps"] = r["journal_metadata_bytes"] / r["verify_seconds"] / 1e6
         r["verify_l2_MBps"] = r["l2_bytes"] / r["verify_seconds"] / 1e6
         r["limit_read_l2_MBps"] = r["l2_bytes"] / r["limit_read_l2_seconds"] / 1e6
@@ -482,13 +517,14 @@ def targets(res, fo, mem):
         rr = ratio(seq, "ratio_bare")
         add(f"{seq}, sync=flush >= 0.8x bare", rr, rr and rr >= 0.8, fmt(rr, "x"))
     if fo:
-        add("verify of the large image >= 1 GB/s of metadata", fo["verify_MBps"],
-            fo["verify_MBps"] >= 1000, fmt(fo["verify_MBps"], " MB/s"))
-        add("restore of all its L2 tables < 1 s", fo["restore_seconds"],
-            fo["restore_seconds"] < 1 and fo["restore_correct"],
-            fmt(fo["restore_seconds"], " s") + ("" if fo["restore_correct"] else " (WRONG)"))
-        add("baseline (first open, fresh store) < 2 s", fo["baseline_seconds"],
-            fo["baseline_seconds"] < 2, fmt(fo["baseline_seconds"], " s"))
+        # The targets name one first open: the open(2) figures.
+        add("verify of the large image >= 1 GB/s of metadata", fo["verify_open_MBps"],
+            fo["verify_open_MBps"] >= 1000, fmt(fo["verify_open_MBps"], " MB/s"))
+        add("restore of all its L2 tables < 1 s", fo["restore_open_seconds"],
+            fo["restore_open_seconds"] < 1 and fo["restore_correct"],
+            fmt(fo["restore_open_seconds"], " s") + ("" if fo["restore_correct"] else " (WRONG)"))
+        add("baseline (first open, fresh store) < 2 s", fo["baseline_open_seconds"],
+            fo["baseline_open_seconds"] < 2, fmt(fo["baseline_open_seconds"], " s"))
         add("journal on disk <= 1.3x metadata (+ history)", fo["store_per_metadata_byte"],
             fo["store_per_metadata_byte"] <= 1.3, fmt(fo["store_per_metadata_byte"], "x"))
     if mem:
@@ -521,13 +557,20 @@ def print_report(doc):
         print("\nFirst open of a %s qcow2 (preallocation=metadata, %d L2 tables = %.0f MiB), "
               "median of %d" % (fo["virtual_size"], fo["l2_tables"], fo["l2_bytes"] / 2**20,
                                 fo["reps"]))
-        for k in ("baseline_seconds", "verify_seconds", "verify_warm_seconds", "restore_seconds",
-                  "limit_read_l2_seconds", "limit_qemu_info_bare_seconds"):
+        print("  one open(2) through the mount (one first open):")
+        for k in FIRST_OPEN_TIMES[:3]:
             runs = " ".join("%.3f" % v for v in fo.get(k + "_runs", []))
-            print("  %-32s %8.3f s   %s" % (k, fo[k], runs))
-        print("  %-32s %8.0f MB/s (L2 only: %.0f MB/s; limits: read %.0f MB/s, XXH3 %.1f GB/s)"
-              % ("verify metadata rate", fo["verify_MBps"], fo["verify_l2_MBps"],
-                 fo["limit_read_l2_MBps"], fo["limit_xxh3_GBps"]))
+            print("    %-30s %8.3f s   %s" % (k, fo[k], runs))
+        print("  qemu-img info through the mount (two first opens, the second warm):")
+        for k in FIRST_OPEN_TIMES[3:]:
+            runs = " ".join("%.3f" % v for v in fo.get(k + "_runs", []))
+            print("    %-30s %8.3f s   %s" % (k, fo[k], runs))
+        for k in ("limit_read_l2_seconds", "limit_qemu_info_bare_seconds"):
+            print("  %-32s %8.3f s" % (k, fo[k]))
+        print("  %-32s %8.0f MB/s one open, %.0f MB/s qemu-img info (L2 only: %.0f MB/s); "
+              "limits: read %.0f MB/s, XXH3 %.1f GB/s"
+              % ("verify metadata rate", fo["verify_open_MBps"], fo["verify_MBps"],
+                 fo["verify_l2_MBps"], fo["limit_read_l2_MBps"], fo["limit_xxh3_GBps"]))
         print("  restore correct (L2 tables identical to before zeroing): %s"
               % fo["restore_correct"])
         print("  journal: %d units, %d bytes of metadata; store on disk %d bytes (%.2fx)"
