@@ -32,10 +32,14 @@ Status RangeReader::Read(const ByteRange& r, std::vector<uint8_t>* buf) const {
 void RangeReader::Work() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    // Stay at most kWindow ranges ahead of the consumer: that bounds the memory held.
-    cv_.wait(lock, [this] { return stop_ || next_ >= ranges_.size() || next_ < taken_ + kWindow; });
+    // Stay at most kWindowBytes ahead of the consumer: that bounds the memory held.
+    cv_.wait(lock, [this] {
+      return stop_ || next_ >= ranges_.size() || next_ == taken_ ||
+             held_ + ranges_[next_].length <= kWindowBytes;
+    });
     if (stop_ || next_ >= ranges_.size()) return;
     const size_t k = next_++;
+    held_ += ranges_[k].length;
     std::vector<uint8_t> bytes;
     if (!spare_.empty()) {
       bytes = std::move(spare_.back());
@@ -67,6 +71,7 @@ Status RangeReader::Take(size_t k, std::vector<uint8_t>* buf) {
   *buf = std::move(slots_[k].bytes);
   slots_[k].bytes = {};
   taken_ = k + 1;
+  held_ -= ranges_[k].length;
   cv_.notify_all();
   return slots_[k].status;
 }

@@ -1,8 +1,11 @@
 #include "store/range_reader.h"
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 namespace vmetafs::store {
@@ -73,6 +76,43 @@ TEST_CASE("RangeReader reports a failed read at its range, and stops", "[range_r
   Status failed = reader.Take(10, &buf);  // the range holding offset 500000
   CHECK(failed.Errno() == EIO);
   CHECK(reader.Take(11, &buf).Errno() == EIO);
+}
+
+// Counts the bytes read so far.
+class CountingFile : public MemoryImageFile {
+ public:
+  using MemoryImageFile::MemoryImageFile;
+  Status ReadAt(uint64_t offset, std::span<uint8_t> out) const override {
+    read_ += out.size();
+    return MemoryImageFile::ReadAt(offset, out);
+  }
+  uint64_t read() const { return read_; }
+
+ private:
+  mutable std::atomic<uint64_t> read_{0};
+};
+
+TEST_CASE("RangeReader holds at most its window of bytes ahead of the consumer", "[range_reader]") {
+  // 4 MiB ranges: the window holds 8 of them, far fewer than the readers.
+  const uint64_t range = 4 << 20, count = 24;
+  CountingFile file(Pattern(range * 2));
+  std::vector<ByteRange> ranges;
+  for (uint64_t k = 0; k < count; ++k) ranges.push_back({(k % 2) * range, range});
+  RangeReader reader(file, range * 2, ranges);
+  std::vector<uint8_t> buf;
+  for (uint64_t k = 0; k < count; ++k) {
+    // Give the readers time to run ahead as far as they may.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK(file.read() <= k * range + RangeReader::kWindowBytes);
+    REQUIRE(reader.Take(k, &buf).ok());
+  }
+  // A range larger than the window is still read.
+  std::vector<ByteRange> big = {{0, range * 2}, {0, range * 2}};
+  CountingFile two(Pattern(range * 2));
+  RangeReader whole(two, range * 2, big);
+  REQUIRE(whole.Take(0, &buf).ok());
+  REQUIRE(whole.Take(1, &buf).ok());
+  CHECK(buf == Pattern(range * 2));
 }
 
 TEST_CASE("RangeReader can be dropped with ranges still unread", "[range_reader]") {
