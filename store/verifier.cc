@@ -312,11 +312,12 @@ Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImag
   }
   std::vector<UnitVersion> full;
   VMETAFS_RETURN_IF_ERROR(GetUnits(journal, v.image.id, differing, &full));
-  for (UnitVersion& f : full) {
-    overlay->Add(f.unit.extent, f.unit.offset,
-                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.content.data()),
-                                          f.content.size()));
-    if (laid != nullptr) laid->push_back({f.unit, std::move(f.content)});
+  for (size_t i = 0; i < full.size(); ++i) {
+    const MetadataUnit& u = differing[i];
+    overlay->Add(u.extent, u.offset,
+                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full[i].content.data()),
+                                          full[i].content.size()));
+    if (laid != nullptr) laid->push_back({u, std::move(full[i].content)});
   }
   return Status::Ok();
 }
