@@ -237,6 +237,17 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
     return Status::Ok();
   }));
   size_t next = 0;
+  std::map<uint16_t, uint64_t> sizes;  // of each file with a differing unit, asked once
+  auto past_end = [&](const MetadataUnit& u) {
+    auto it = sizes.find(u.extent);
+    if (it == sizes.end()) {
+      const ImageFile* extent = file.Extent(u.extent);
+      uint64_t size = 0;
+      if (extent == nullptr || !extent->Size(&size).ok()) size = 0;
+      it = sizes.emplace(u.extent, size).first;
+    }
+    return u.end() > it->second;
+  };
   return ReadUnits(
       file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
         UnitCheck& c = out->units[next++];
@@ -252,10 +263,7 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
         } else if (legitimate) {
           c.result = UnitCheck::Result::kPendingOld;
         } else {
-          const ImageFile* extent = file.Extent(u.extent);
-          uint64_t size = 0;
-          const bool past_end = extent == nullptr || !extent->Size(&size).ok() || u.end() > size;
-          c.result = past_end ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
+          c.result = past_end(u) ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
           ++out->differing;
         }
         return Status::Ok();
@@ -302,9 +310,9 @@ Status GetUnits(const Journal& journal, uint64_t image_id, const std::vector<Met
 }
 
 // Lays the journal's content over the units that differ from it: the journal's view of `file`.
-// *laid, when given, receives that content, in the order of v.units (a restore writes it).
+// *laid receives that content, in the order of v.units (a restore writes it).
 Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay,
-                      std::vector<QuarantinedUnit>* laid = nullptr) {
+                      std::vector<QuarantinedUnit>* laid) {
   std::vector<MetadataUnit> differing;
   for (const UnitCheck& c : v.units) {
     if (c.result == UnitCheck::Result::kDiffers || c.result == UnitCheck::Result::kMissing)
@@ -317,20 +325,15 @@ Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImag
     overlay->Add(u.extent, u.offset,
                  std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full[i].content.data()),
                                           full[i].content.size()));
-    if (laid != nullptr) laid->push_back({u, std::move(full[i].content)});
+    laid->push_back({u, std::move(full[i].content)});
   }
   return Status::Ok();
 }
 
-// The journal's view of the image: the storage with the journal's content laid over the units
-// that differ. Parses it (and deep-checks it when `deep`). Fills *view, and *laid with the
-// journal's content of the differing units.
-Status JournalView(const Journal& journal, const ImageFile& file, const ParseLimits& limits,
-                   const Verification& v, bool deep, ParsedImage* view,
-                   std::vector<std::string>* problems, std::vector<QuarantinedUnit>* laid) {
-  OverlayImageFile overlay(file);
-  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, v, &overlay, laid));
-  // The journal's view is in the journal's format, even when the storage was converted since.
+// Parses the journal's view (OverlayJournal) in the journal's format, even when the storage was
+// converted since, and deep-checks it when `deep`. Fills *view and *problems.
+Status ParseJournalView(const ImageFile& overlay, const ParseLimits& limits, const Verification& v,
+                        bool deep, ParsedImage* view, std::vector<std::string>* problems) {
   const FormatParser* parser = FormatByName(v.image.format);
   if (parser == nullptr) parser = v.parser;
   if (parser == nullptr) {
@@ -346,15 +349,13 @@ Status JournalView(const Journal& journal, const ImageFile& file, const ParseLim
 
 }  // namespace
 
-Status CheckStorageAfterCrash(const Journal& journal, const ImageFile& file,
+Status CheckStorageAfterCrash(const ImageFile& file, const ImageFile& journal_view,
                               const ParseLimits& limits, Verification* v) {
   v->checked_deep = true;
   v->check_problems.clear();
   v->tolerated_leaks = 0;
   if (v->parser == nullptr || !v->storage.valid()) return Status::Ok();
-  OverlayImageFile before(file);
-  VMETAFS_RETURN_IF_ERROR(OverlayJournal(journal, *v, &before));
-  return v->parser->CheckAfterCrash(file, v->storage, before, limits, &v->check_problems,
+  return v->parser->CheckAfterCrash(file, v->storage, journal_view, limits, &v->check_problems,
                                     &v->tolerated_leaks);
 }
 
@@ -387,8 +388,17 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
   // but qemu does not. Only a view laid over someone else's changes needs the deep check.
   const bool deep = v->changed_outside && !v->image.in_use;
-  auto journal_view = [&] {
-    return JournalView(journal, file, limits, *v, deep, &view, &view_problems, &laid);
+  // The storage with the journal's content laid over the differing units, read from the journal
+  // once: the crash check below and the view's parse both look at it.
+  OverlayImageFile overlay(file);
+  bool laid_over = false;
+  auto lay_over = [&] {
+    laid_over = true;
+    return OverlayJournal(journal, *v, &overlay, &laid);
+  };
+  auto journal_view = [&]() -> Status {
+    if (!laid_over) VMETAFS_RETURN_IF_ERROR(lay_over());
+    return ParseJournalView(overlay, limits, *v, deep, &view, &view_problems);
   };
   bool have_view = false;
   if (v->changed_outside) {
@@ -399,9 +409,15 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
     if (deep) view_done = std::async(std::launch::async, journal_view);
     // After an unclean stop the storage may be newer than the journal (unsynced journal, kept
     // storage writes) with the leaks of an allocation in flight: qemu accepts those, and so
-    // adopting keeps what the storage holds durably instead of rolling it back.
-    Status checked = v->image.in_use ? CheckStorageAfterCrash(journal, file, limits, v)
-                                     : CheckStorageDeep(file, limits, v);
+    // adopting keeps what the storage holds durably instead of rolling it back. (No view is
+    // being made beside it then: deep is false.)
+    Status checked;
+    if (v->image.in_use) {
+      checked = lay_over();
+      if (checked.ok()) checked = CheckStorageAfterCrash(file, overlay, limits, v);
+    } else {
+      checked = CheckStorageDeep(file, limits, v);
+    }
     have_view = view_done.valid();
     Status viewed = have_view ? view_done.get() : Status::Ok();
     VMETAFS_RETURN_IF_ERROR(checked);

@@ -59,9 +59,10 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
 
 // Runs the format's deep consistency check on the storage (fills check_problems).
 Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verification* v);
-// The same after the image's writer stopped uncleanly: leaked clusters the journal's view does
-// not reference are an allocation in flight, not problems (fills tolerated_leaks too).
-Status CheckStorageAfterCrash(const Journal& journal, const ImageFile& file,
+// The same after the image's writer stopped uncleanly: leaked clusters that `journal_view` (the
+// storage with the journal's content laid over the differing units) does not reference are an
+// allocation in flight, not problems (fills tolerated_leaks too).
+Status CheckStorageAfterCrash(const ImageFile& file, const ImageFile& journal_view,
                               const ParseLimits& limits, Verification* v);
 
 // What a decision will do, before it is done (meta-restore --dry-run prints this).
