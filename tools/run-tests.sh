@@ -121,6 +121,7 @@ step "build asan+ubsan (build-asan/)" build build-asan -DCMAKE_BUILD_TYPE=RelWit
 asan_built=$([ "${results[-1]:0:4}" = PASS ] && echo yes || echo no)
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export LSAN_OPTIONS=suppressions=$ROOT/tests/lsan.supp
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 if [ "$release_built" = yes ]; then

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <nfsc/libnfs.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -99,13 +100,37 @@ std::string ErrorOf(nfs_context* ctx) {
   return e != nullptr ? e : "";
 }
 
+// libnfs 4.0's synchronous calls (nfs_mount, nfs_open, nfs_stat64...) wait on a struct on the
+// caller's stack. When the connection fails under one, it returns with "nfs_service failed" or
+// "Poll failed" and leaves its request queued in the context: destroying the context then runs
+// the request's callback, which writes into that long-gone stack frame (stack corruption, seen as
+// a crash when the server died mid-request). Such a context must never be destroyed.
+bool AbandonsSyncCall(std::string_view error) {
+  return error.find("nfs_service failed") != std::string_view::npos ||
+         error.find("Poll failed") != std::string_view::npos;
+}
+
+// Releases a context: destroyed, or, when a synchronous call abandoned a request in it, only its
+// socket is closed and the context is kept, unused, for the life of the process (one per
+// connection and outage).
+void ReleaseContext(nfs_context* ctx, bool abandoned) {
+  if (ctx == nullptr) return;
+  if (!abandoned) return nfs_destroy_context(ctx);
+  if (int fd = nfs_get_fd(ctx); fd >= 0) close(fd);
+  static std::mutex mu;
+  static std::vector<nfs_context*>* kept = new std::vector<nfs_context*>;
+  std::lock_guard lock(mu);
+  kept->push_back(ctx);
+  spdlog::debug("nfs: a failed connection's context is kept undestroyed ({} so far)", kept->size());
+}
+
 }  // namespace
 
 NfsPool::NfsPool(NfsOptions options)
     : options_(std::move(options)), slots_(std::max(1, options_.connections)) {}
 
 NfsPool::~NfsPool() {
-  for (Slot& s : slots_) Drop(s.conn);
+  for (Slot& s : slots_) Drop(s.conn, false);
 }
 
 Status NfsPool::Create(NfsOptions options, std::shared_ptr<NfsPool>* out) {
@@ -141,10 +166,10 @@ Status NfsPool::Connect(NfsConn& conn) const {
   nfs_umask(ctx, 0);  // modes arrive with the caller's umask applied
   int rc = nfs_mount(ctx, options_.server.c_str(), options_.export_path.c_str());
   if (rc < 0) {
+    const std::string error = ErrorOf(ctx);
     Status st = PosixError(
-        fmt::format("mounting nfs://{}{}: {}", options_.server, options_.export_path, ErrorOf(ctx)),
-        -rc);
-    nfs_destroy_context(ctx);
+        fmt::format("mounting nfs://{}{}: {}", options_.server, options_.export_path, error), -rc);
+    ReleaseContext(ctx, AbandonsSyncCall(error));
     return st;
   }
   conn.ctx = ctx;
@@ -159,12 +184,12 @@ Status NfsPool::Connect(NfsConn& conn) const {
   return Status::Ok();
 }
 
-void NfsPool::Drop(NfsConn& conn) {
-  if (conn.ctx != nullptr) {
+void NfsPool::Drop(NfsConn& conn, bool abandoned) {
+  if (conn.ctx != nullptr && !abandoned) {
     // NFSv3 handles are freed locally; NFSv4 sends CLOSE, which fails at once on a dead socket.
     for (auto& [id, fh] : conn.files) (void)nfs_close(conn.ctx, fh);
-    nfs_destroy_context(conn.ctx);
   }
+  ReleaseContext(conn.ctx, abandoned);
   conn.ctx = nullptr;
   conn.files.clear();
   conn.files_dirty = true;
@@ -238,6 +263,7 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
         return Status::Ok();
       }
       detail = ErrorOf(conn.ctx);
+      const bool abandoned = AbandonsSyncCall(detail);
       int err = -rc;
       const int status = err == EFAULT || err == EIO ? StatusErrno(detail) : 0;
       if (status != 0) err = status;
@@ -246,10 +272,11 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
       const bool reset =
           (status == 0 && IsTransportError(err)) || (options_.version == 4 && rc == -ERANGE);
       if (!reset || (fresh && ++fresh_failures > kFreshRetries)) {
+        if (abandoned) Drop(conn, true);  // no later user may service or destroy it
         Release(slot);
         return Fail(what, path, err, detail);
       }
-      Drop(conn);
+      Drop(conn, abandoned);
     }
     Release(slot);
     NoteOutage(what, path, detail);

@@ -87,7 +87,8 @@ class NfsPool {
   Slot* Acquire(uint64_t file, bool only_open);
   void Release(Slot* slot);
   Status Connect(NfsConn& conn) const;
-  static void Drop(NfsConn& conn);
+  // Closes the connection; `abandoned`: a synchronous call left a request in it (nfs_pool.cc).
+  static void Drop(NfsConn& conn, bool abandoned);
   void NoteOutage(std::string_view what, const std::string& path, const std::string& detail);
   void NoteRecovered();
   Status Fail(std::string_view what, const std::string& path, int err,
