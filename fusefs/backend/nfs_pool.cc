@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <thread>
 #include <utility>
 
@@ -256,6 +257,9 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
     Status connected = fresh ? Connect(conn) : Status::Ok();
     std::string detail = connected.ok() ? "" : connected.message();
     if (connected.ok()) {
+      // libnfs keeps a context's last error message until the next one, and some failures set
+      // none (a connection the server closed): only a message the call changed is about it.
+      const std::string before = ErrorOf(conn.ctx);
       int rc = call(conn);
       if (rc >= 0) {
         Release(slot);
@@ -263,6 +267,7 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
         return Status::Ok();
       }
       detail = ErrorOf(conn.ctx);
+      if (detail == before) detail = std::strerror(-rc);
       const bool abandoned = AbandonsSyncCall(detail);
       int err = -rc;
       const int status = err == EFAULT || err == EIO ? StatusErrno(detail) : 0;

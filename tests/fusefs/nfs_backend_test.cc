@@ -486,6 +486,35 @@ TEST_CASE("nfs backend: writes survive a server killed mid-stream", "[nfs]") {
   }
 }
 
+// libnfs keeps a context's last error message, and a connection the server closes sets none. A
+// refused lookup leaves "NFS3ERR_NOENT" on the one connection; a write that fails because the
+// server died must still be taken for an outage and retried, not for a missing file.
+TEST_CASE("nfs backend: an outage is not mistaken for the connection's previous error", "[nfs]") {
+  ScratchDir dir;
+  const std::string root = dir.path();
+  NfsServer server(root);
+  auto b = OpenBackend(server.Url("connections=1&timeout=120"));
+  std::unique_ptr<File> f;
+  REQUIRE(b->Open("file", O_CREAT | O_RDWR, 0600, &f).ok());
+  auto data = Pattern(64 << 10, 9);
+  REQUIRE(f->WriteAt(0, data).ok());
+  struct stat st;
+  REQUIRE(b->Lstat("missing", &st).Errno() == ENOENT);
+
+  server.Kill();
+  Status written;
+  std::thread writer([&] { written = f->WriteAt(data.size(), data); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  server.Start();
+  writer.join();
+  INFO(written.ToString());
+  REQUIRE(written.ok());
+  REQUIRE(f->Sync().ok());
+  auto local = ReadFile(root + "/file");
+  REQUIRE(local.size() == 2 * data.size());
+  CHECK(std::equal(data.begin(), data.end(), local.begin() + data.size()));
+}
+
 TEST_CASE("nfs backend: soft timeout gives EIO, then the same objects work again", "[nfs]") {
   ScratchDir dir;
   const std::string root = dir.path();
