@@ -111,10 +111,11 @@ namespace {
 // may be cached.
 bool WantsDirectIo(const FileHandle& fh) {
   if (fh.inode->type() != S_IFREG) return false;
-  if ((fh.flags & O_DIRECT) != 0) return true;
+  if ((fh.flags & O_DIRECT) != 0 || (fh.image != nullptr && fh.image->is_image())) return true;
+  // Without the size, bypassing the cache is the side that keeps every write visible.
   struct stat st;
-  if (!fh.file->Fstat(&st).ok()) return false;
-  if (st.st_size == 0 || (fh.image != nullptr && fh.image->is_image())) return true;
+  if (!fh.file->Fstat(&st).ok()) return true;
+  if (st.st_size == 0) return true;
   return fh.image == nullptr && (fh.flags & O_ACCMODE) != O_WRONLY &&
          store::DetectFormat(*fh.file) != nullptr;
 }
