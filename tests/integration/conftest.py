@@ -653,6 +653,10 @@ def pytest_runtest_makereport(item, call):
                 if log.exists():
                     report.sections.append((f"vmetafs {m.name} run {i} ({log})",
                                             log.read_text(errors="replace")[-20000:]))
+        for server in getattr(item, "nfs_servers", []):
+            lines = [l for l in server.log().splitlines() if ":DBUS :" not in l]
+            report.sections.append((f"nfs-ganesha on port {server.port} (its last start)",
+                                    "\n".join(lines[-60:])))
 
 
 @pytest.fixture(scope="session", autouse=True)

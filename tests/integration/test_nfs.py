@@ -77,6 +77,7 @@ def own_server(tmp_path, request):
     export.mkdir()
     export.chmod(0o755)
     server = NfsServer(export)
+    request.node.nfs_servers = [server]  # its log goes into a failure's report (conftest.py)
     try:
         yield server.start()
     finally:
