@@ -23,6 +23,7 @@
 
 #include "fusefs/crash_report.h"
 #include "fusefs/filesystem.h"
+#include "fusefs/fuse_uring.h"
 #include "fusefs/killpriv_v2.h"
 #include "fusefs/operations.h"
 #include "fusefs/options.h"
@@ -242,9 +243,20 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
     if (protector != nullptr) (void)protector->Close();
     return kExitFailure;  // libfuse said why
   }
-  if (o.killpriv_v2) {
-    Status st = OfferKillPrivV2(se);
-    if (!st.ok()) spdlog::warn("FUSE_HANDLE_KILLPRIV_V2 not offered: {}", st.ToString());
+  std::unique_ptr<UringTransport> uring;
+  std::function<void()> start_uring;
+  if (o.io_uring && !o.single_thread) {
+    uring = std::make_unique<UringTransport>(se, o.ring_threads);
+    start_uring = [t = uring.get()] {
+      Status st = t->Start();
+      if (!st.ok()) spdlog::warn("FUSE over io_uring not started: {}", st.ToString());
+    };
+  }
+  if (o.killpriv_v2 || start_uring) {
+    Status st = InstallDevHooks(se, o.killpriv_v2, start_uring);
+    if (!st.ok()) {
+      spdlog::warn("neither FUSE_HANDLE_KILLPRIV_V2 nor io_uring offered: {}", st.ToString());
+    }
   }
   ready.Report(kExitOk);
   if (!o.foreground) {
@@ -254,6 +266,7 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
   spdlog::info("{} mounted on {} ({})", fs.backend().Id(), mountpoint,
                popts != nullptr ? "store " + popts->store_dir : "journal off");
   int ret = Loop(se, o);
+  if (uring != nullptr) uring->Stop();
   fs.ReleaseAll();
   if (protector != nullptr) {
     Status st = protector->Close();

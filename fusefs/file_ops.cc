@@ -90,10 +90,11 @@ Status Filesystem::Write(fuse_file_info* fi, fuse_bufvec* in, off_t offset, size
   size_t size = fuse_buf_size(in);
   std::span<const uint8_t> data;
   if (in->count == 1 && in->idx == 0 && in->off == 0 && (first.flags & FUSE_BUF_IS_FD) == 0 &&
-      (fh.flags & O_DIRECT) == 0) {
+      ((fh.flags & O_DIRECT) == 0 || backend::IsAligned(first.mem, backend::kDirectAlignment))) {
     data = {static_cast<const uint8_t*>(first.mem), size};
   } else {
-    // libfuse's buffer sits just after the request header: never aligned enough for O_DIRECT.
+    // libfuse's buffer sits just after the request header: never aligned enough for O_DIRECT
+    // (the io_uring transport's is: its payload starts on a page).
     uint8_t* buf = write_buffer.Get(size);
     struct fuse_bufvec dst = FUSE_BUFVEC_INIT(size);
     dst.buf[0].mem = buf;

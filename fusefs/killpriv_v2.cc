@@ -10,6 +10,9 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
+#include <functional>
+
+#include "fusefs/fuse_uring.h"
 
 namespace vmetafs::fusefs {
 namespace {
@@ -19,6 +22,11 @@ namespace {
 std::atomic<uint64_t> init_unique{0};
 std::atomic<bool> init_offered{false};
 std::atomic<bool> negotiated{false};
+std::atomic<bool> want_killpriv{false};
+// FUSE over io_uring: wanted by the daemon, offered by the kernel, called once accepted.
+std::atomic<bool> want_uring{false};
+std::atomic<bool> uring_offered{false};
+std::function<void()> on_uring_accepted;
 
 thread_local bool kill_suidgid = false;
 
@@ -58,20 +66,28 @@ bool AsksToKill(const fuse_in_header& h, const uint8_t* buf, size_t len) {
   return false;
 }
 
+}  // namespace
+
 void NoteRequest(const uint8_t* buf, size_t len) {
   kill_suidgid = false;
   if (len < sizeof(fuse_in_header)) return;
   fuse_in_header h;
   std::memcpy(&h, buf, sizeof(h));
   if (h.opcode == FUSE_INIT) {
-    uint32_t flags = 0;
-    init_offered.store(ArgField(buf, len, offsetof(fuse_init_in, flags), &flags) &&
+    uint32_t flags = 0, flags2 = 0;
+    bool have_flags = ArgField(buf, len, offsetof(fuse_init_in, flags), &flags);
+    init_offered.store(want_killpriv.load() && have_flags &&
                        (flags & FUSE_HANDLE_KILLPRIV_V2) != 0);
+    uring_offered.store(want_uring.load() && have_flags && (flags & FUSE_INIT_EXT) != 0 &&
+                        ArgField(buf, len, offsetof(fuse_init_in, flags2), &flags2) &&
+                        (flags2 & kFuseOverIoUringFlags2) != 0);
     init_unique.store(h.unique);
     return;
   }
   kill_suidgid = negotiated.load(std::memory_order_relaxed) && AsksToKill(h, buf, len);
 }
+
+namespace {
 
 ssize_t Read(int fd, void* buf, size_t len, void*) {
   ssize_t n = read(fd, buf, len);
@@ -90,43 +106,63 @@ bool IsInitReply(const struct iovec* iov, int count) {
   return h.error == 0 && init_unique.load() != 0 && h.unique == init_unique.load();
 }
 
-// Sends libfuse's INIT reply with FUSE_HANDLE_KILLPRIV_V2 added, from a copy of its buffers.
-ssize_t WriteInitReply(int fd, const struct iovec* iov) {
+// Sends libfuse's INIT reply with the flags the daemon accepts added, from a copy of its buffers.
+ssize_t WriteInitReply(int fd, const struct iovec* iov, bool killpriv, bool uring) {
   fuse_init_out out{};
   size_t out_len = std::min(iov[1].iov_len, sizeof(out));
   std::memcpy(&out, iov[1].iov_base, out_len);
-  out.flags |= FUSE_HANDLE_KILLPRIV_V2;
+  if (killpriv) out.flags |= FUSE_HANDLE_KILLPRIV_V2;
+  if (uring) {
+    out.flags |= FUSE_INIT_EXT;
+    out.flags2 |= kFuseOverIoUringFlags2;
+  }
   struct iovec copy[2] = {iov[0], {&out, out_len}};
   // Set before the kernel sees the reply: it sends other requests, to other threads, at once.
-  negotiated.store(true);
+  negotiated.store(killpriv);
   ssize_t n = writev(fd, copy, 2);
   int err = errno;
   if (n < 0) {
     negotiated.store(false);
   } else {
-    spdlog::info("FUSE_HANDLE_KILLPRIV_V2 negotiated: the daemon clears set-user-ID/set-group-ID");
+    if (killpriv) {
+      spdlog::info(
+          "FUSE_HANDLE_KILLPRIV_V2 negotiated: the daemon clears set-user-ID/set-group-ID");
+    }
+    if (uring && on_uring_accepted) on_uring_accepted();
   }
   errno = err;
   return n;
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
+  ssize_t captured = 0;
+  if (CaptureRingReply(iov, count, &captured)) return captured;
   if (init_unique.load(std::memory_order_relaxed) != 0 && IsInitReply(iov, count)) {
-    bool offered = init_offered.load();
+    bool killpriv = init_offered.load(), uring = uring_offered.load();
     init_unique.store(0);
     // libfuse's INIT reply is two pieces; anything else is sent as it is.
-    if (offered && count == 2 && iov[1].iov_len <= sizeof(fuse_init_out)) {
-      return WriteInitReply(fd, iov);
+    bool layout = count == 2 && iov[1].iov_len >= offsetof(fuse_init_out, flags2) + 4 &&
+                  iov[1].iov_len <= sizeof(fuse_init_out);
+    if (want_killpriv.load() && !killpriv) {
+      spdlog::info("FUSE_HANDLE_KILLPRIV_V2 not negotiated: the kernel did not offer it");
     }
-    spdlog::info("FUSE_HANDLE_KILLPRIV_V2 not negotiated: {}",
-                 offered ? "unexpected INIT reply layout" : "the kernel did not offer it");
+    if (want_uring.load() && !uring) {
+      spdlog::info(
+          "FUSE over io_uring not used: the kernel did not offer it (its fuse module's "
+          "enable_uring parameter is off, or the kernel predates 6.14)");
+    }
+    if ((killpriv || uring) && layout) return WriteInitReply(fd, iov, killpriv, uring);
+    if (killpriv || uring) spdlog::info("INIT flags not added: unexpected INIT reply layout");
   }
   return writev(fd, iov, count);
 }
 
 }  // namespace
 
-Status OfferKillPrivV2(fuse_session* se) {
+Status InstallDevHooks(fuse_session* se, bool killpriv_v2, std::function<void()> on_uring) {
+  want_killpriv.store(killpriv_v2);
+  want_uring.store(static_cast<bool>(on_uring));
+  on_uring_accepted = std::move(on_uring);
   // No splice hooks: libfuse then reads and writes through these two.
   static const fuse_custom_io io = {
       .writev = Writev, .read = Read, .splice_receive = nullptr, .splice_send = nullptr};

@@ -11,7 +11,18 @@
 namespace vmetafs::fusefs {
 namespace {
 
-enum Key { kStore, kSync, kJournal, kUnprotected, kThreads, kKillPrivV2, kHelp, kVersion };
+enum Key {
+  kStore,
+  kSync,
+  kJournal,
+  kUnprotected,
+  kThreads,
+  kKillPrivV2,
+  kIoUring,
+  kRingThreads,
+  kHelp,
+  kVersion
+};
 
 const struct fuse_opt kSpecs[] = {
     FUSE_OPT_KEY("store=", kStore),
@@ -20,6 +31,8 @@ const struct fuse_opt kSpecs[] = {
     FUSE_OPT_KEY("unprotected_writes=", kUnprotected),
     FUSE_OPT_KEY("threads=", kThreads),
     FUSE_OPT_KEY("killpriv_v2=", kKillPrivV2),
+    FUSE_OPT_KEY("io_uring=", kIoUring),
+    FUSE_OPT_KEY("ring_threads=", kRingThreads),
     FUSE_OPT_KEY("-h", kHelp),
     FUSE_OPT_KEY("--help", kHelp),
     FUSE_OPT_KEY("-V", kVersion),
@@ -49,6 +62,11 @@ vmetafs options:
                            the daemon then clears set-user-ID/set-group-ID bits on write,
                            truncate and chown, and the kernel stops asking for
                            security.capability before every write and fallocate (default: on)
+    -o io_uring=on|off     on: take requests over io_uring when the kernel offers it (Linux 6.14+
+                           with the fuse module's enable_uring parameter set), else over
+                           /dev/fuse; off: always /dev/fuse (default: on)
+    -o ring_threads=N      io_uring: threads per CPU to start with; each queue grows by itself
+                           when its requests block, up to 64 (default: 4)
     -f                     stay in the foreground, log to stderr (default: daemonize, log to syslog)
     -d                     debug output (implies -f)
     -s                     single-threaded
@@ -107,13 +125,18 @@ bool ParseValue(int key, std::string_view value, Options* o) {
     case kKillPrivV2:
       o->killpriv_v2 = value == "on";
       return value == "on" || value == "off";
+    case kIoUring:
+      o->io_uring = value == "on";
+      return value == "on" || value == "off";
+    case kRingThreads:
+      return ParseUnsigned(value, 1, 64, &o->ring_threads);
   }
   return false;
 }
 
-constexpr const char* kExpected[] = {
-    "a directory",      "flush, write or periodic:MS", "on or off",
-    "continue or fail", "a number from 1 to 1024",     "on or off"};
+constexpr const char* kExpected[] = {"a directory",      "flush, write or periodic:MS", "on or off",
+                                     "continue or fail", "a number from 1 to 1024",     "on or off",
+                                     "on or off",        "a number from 1 to 64"};
 
 int OptProc(void* data, const char* arg, int key, struct fuse_args*) {
   auto* state = static_cast<ParseState*>(data);
@@ -127,7 +150,7 @@ int OptProc(void* data, const char* arg, int key, struct fuse_args*) {
     (key == kHelp ? state->help : state->version) = true;
     return 0;
   }
-  if (key < kStore || key > kKillPrivV2) return 1;  // FUSE's own: keep for libfuse
+  if (key < kStore || key > kRingThreads) return 1;  // FUSE's own: keep for libfuse
   std::string_view option(arg);
   std::string_view value = option.substr(option.find('=') + 1);
   if (!ParseValue(key, value, state->options) && state->error.empty()) {

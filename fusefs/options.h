@@ -1,6 +1,7 @@
 // Options: the command line of `vmetafs BACKING MOUNTPOINT [-o ...] [-f] [-d]`.
 //
-// vmetafs's own -o options (store, sync, journal, unprotected_writes, threads, killpriv_v2) are
+// vmetafs's own -o options (store, sync, journal, unprotected_writes, threads, killpriv_v2,
+// io_uring, ring_threads) are
 // taken out; everything else (allow_other, ro, fsname...) is left for libfuse, which rejects what
 // it does not know when the session is created.
 #pragma once
@@ -26,8 +27,10 @@ struct Options {
   store::SyncMode sync = store::SyncMode::kFlush;
   uint32_t periodic_ms = 1000;
   bool fail_unprotected_writes = false;
-  unsigned threads = 16;    // libfuse's max_idle_threads
-  bool killpriv_v2 = true;  // negotiate FUSE_HANDLE_KILLPRIV_V2 (killpriv_v2.h)
+  unsigned threads = 16;      // libfuse's max_idle_threads
+  bool killpriv_v2 = true;    // negotiate FUSE_HANDLE_KILLPRIV_V2 (killpriv_v2.h)
+  bool io_uring = true;       // serve requests over io_uring when the kernel offers it
+  unsigned ring_threads = 4;  // io_uring: threads (one entry each) per CPU's queue
   bool foreground = false;
   bool debug = false;
   bool single_thread = false;
