@@ -3,8 +3,9 @@
 #   1. dependencies (tools/install-deps.sh)
 #   2. a release build (build/) and an ASan+UBSan build (build-asan/), -j2
 #   3. the unit tests (ctest) of both builds
-#   4. the integration tests (real FUSE mounts, pytest) against the ASan build, then against the
-#      release build
+#   4. the integration tests (real FUSE mounts, pytest) against the ASan build with FUSE over
+#      io_uring offered by the kernel (where it can: Linux 6.14+), then against the release build
+#      with /dev/fuse, so that the whole suite runs over each transport
 #   5. the libFuzzer targets of the format parsers, FUZZ_SECONDS (default 30) each
 # Every step runs even when an earlier one failed (except what needs a failed build); the exit
 # status is non-zero if anything failed. The last lines repeat pytest's summary lines.
@@ -51,9 +52,23 @@ cleanup_mounts() {
   done
 }
 
+# The kernel offers FUSE over io_uring while its fuse module's enable_uring parameter is set; the
+# value found is put back at exit.
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_BEFORE=$(cat "$URING_PARAM" 2>/dev/null || true)
+offer_io_uring() {  # offer_io_uring Y|N
+  if [ -w "$URING_PARAM" ]; then
+    echo "$1" >"$URING_PARAM"
+    echo "run-tests: FUSE over io_uring offered by the kernel: $(cat "$URING_PARAM")"
+  else
+    echo "run-tests: this kernel has no FUSE over io_uring; the suite runs over /dev/fuse"
+  fi
+}
+
 on_exit() {
   local rc=$?
   cleanup_mounts
+  if [ -n "$URING_BEFORE" ] && [ -w "$URING_PARAM" ]; then echo "$URING_BEFORE" >"$URING_PARAM"; fi
   if [ "$rc" -eq 0 ] && [ "${#failures[@]}" -eq 0 ]; then
     rm -rf "$TEST_TMP"
   else
@@ -131,16 +146,18 @@ else
 fi
 if [ "$asan_built" = yes ]; then
   step "unit tests (asan)" unit_tests build-asan
-  step "integration tests (asan)" integration_tests build-asan asan tests/integration
+  offer_io_uring Y
+  step "integration tests (asan, io_uring)" integration_tests build-asan asan tests/integration
 else
   skip "unit tests (asan)" "build failed"
-  skip "integration tests (asan)" "build failed"
+  skip "integration tests (asan, io_uring)" "build failed"
 fi
 if [ "$release_built" = yes ]; then
+  offer_io_uring N
   # shellcheck disable=SC2086  # RELEASE_TESTS is a list of paths on purpose
-  step "integration tests (release)" integration_tests build release $RELEASE_TESTS
+  step "integration tests (release, /dev/fuse)" integration_tests build release $RELEASE_TESTS
 else
-  skip "integration tests (release)" "build failed"
+  skip "integration tests (release, /dev/fuse)" "build failed"
 fi
 
 # The parsers under libFuzzer (clang, ASan+UBSan), seeded with qemu-made images, bounded in time.
