@@ -13,6 +13,9 @@
 #include <thread>
 #include <utility>
 
+// libnfs 4.0 exports nfs_set_error (lib/libnfs.c) but declares it only in its private header.
+extern "C" void nfs_set_error(struct nfs_context* nfs, char* error_string, ...);
+
 namespace vmetafs::backend {
 namespace {
 
@@ -99,6 +102,15 @@ int StatusErrno(std::string_view message) {
 std::string ErrorOf(nfs_context* ctx) {
   const char* e = ctx != nullptr ? nfs_get_error(ctx) : nullptr;
   return e != nullptr ? e : "";
+}
+
+// libnfs keeps a context's last error message until the next one, and some failures set none (a
+// connection the server closed). Cleared before a call, the message after a failure is the
+// call's own, or empty; comparing with the message before could not tell the server refusing the
+// same write twice in a row from a failure that set no message.
+void ClearError(nfs_context* ctx) {
+  static char empty[] = "";
+  nfs_set_error(ctx, empty);
 }
 
 // libnfs 4.0's synchronous calls (nfs_mount, nfs_open, nfs_stat64...) wait on a struct on the
@@ -257,9 +269,7 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
     Status connected = fresh ? Connect(conn) : Status::Ok();
     std::string detail = connected.ok() ? "" : connected.message();
     if (connected.ok()) {
-      // libnfs keeps a context's last error message until the next one, and some failures set
-      // none (a connection the server closed): only a message the call changed is about it.
-      const std::string before = ErrorOf(conn.ctx);
+      ClearError(conn.ctx);
       int rc = call(conn);
       if (rc >= 0) {
         Release(slot);
@@ -267,7 +277,7 @@ Status NfsPool::Run(std::string_view what, const std::string& path, const Call& 
         return Status::Ok();
       }
       detail = ErrorOf(conn.ctx);
-      if (detail == before) detail = std::strerror(-rc);
+      if (detail.empty()) detail = std::strerror(-rc);
       const bool abandoned = AbandonsSyncCall(detail);
       int err = -rc;
       const int status = err == EFAULT || err == EIO ? StatusErrno(detail) : 0;
