@@ -10,11 +10,15 @@
 
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -174,6 +178,20 @@ void PinToCpu(unsigned cpu) {
   (void)pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
+// The kernel's num_possible_cpus(): one more than the highest CPU in
+// /sys/devices/system/cpu/possible ("0-3", "0,2-5"). 0 when it cannot be read.
+unsigned PossibleCpus() {
+  std::ifstream in("/sys/devices/system/cpu/possible");
+  std::string list;
+  if (!std::getline(in, list)) return 0;
+  size_t cut = list.find_last_of(",-");
+  std::string_view last = std::string_view(list).substr(cut == std::string::npos ? 0 : cut + 1);
+  unsigned highest = 0;
+  auto [end, ec] = std::from_chars(last.data(), last.data() + last.size(), highest);
+  if (ec != std::errc() || highest >= 65536) return 0;
+  return highest + 1;
+}
+
 void FailRequest(Entry* e, uint64_t unique) {
   fuse_out_header out{sizeof(fuse_out_header), -EIO, unique};
   std::memcpy(e->header.in_out, &out, sizeof(out));
@@ -225,11 +243,11 @@ UringTransport::~UringTransport() { Stop(); }
 
 Status UringTransport::Start() {
   // The kernel keeps a queue for every possible CPU and uses the ring once each has an entry.
-  long cpus = sysconf(_SC_NPROCESSORS_CONF);
-  if (cpus <= 0 || cpus > 4096) return Status::NotSupported("the number of CPUs is unknown");
+  unsigned cpus = PossibleCpus();
+  if (cpus == 0) return Status::NotSupported("the number of possible CPUs is unknown");
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (impl_->queues != 0) return Status::Ok();
-  impl_->queues = static_cast<unsigned>(cpus);
+  impl_->queues = cpus;
   impl_->idle = std::make_unique<std::atomic<int>[]>(impl_->queues);
   impl_->started.assign(impl_->queues, 0);
   for (unsigned q = 0; q < impl_->queues; ++q) {
