@@ -16,7 +16,19 @@ done
 mkdir -p "$build"
 work="$build/bench-work"
 
+# vmetafs serves FUSE requests over io_uring where the kernel offers it (Linux 6.14+, the fuse
+# module's enable_uring); offered for the run, the value found is put back at the end.
+uring=/sys/module/fuse/parameters/enable_uring
+uring_before=$(cat "$uring" 2>/dev/null || true)
+if [ -w "$uring" ]; then
+  echo Y >"$uring"
+  echo "bench: FUSE over io_uring offered by the kernel"
+else
+  echo "bench: this kernel has no FUSE over io_uring: every vmetafs system uses /dev/fuse"
+fi
+
 cleanup() {
+  if [ -n "$uring_before" ] && [ -w "$uring" ]; then echo "$uring_before" >"$uring"; fi
   # Never leave a mount behind, whatever happened to the driver.
   if [ -d "$work" ]; then
     grep -o " $work/[^ ]*" /proc/mounts 2>/dev/null | while read -r m; do
