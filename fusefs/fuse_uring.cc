@@ -93,10 +93,38 @@ struct Entry {
 // The entry whose request the calling thread is serving, for CaptureRingReply.
 thread_local Entry* serving = nullptr;
 
+// Where a ring thread may run: pinned to its queue's CPU while it serves the small requests of
+// the data path; on the CPUs the daemon was given while it serves an OPEN or CREATE, which may
+// run a first open: the threads that verify and restore with start there and inherit it.
+class Affinity {
+ public:
+  explicit Affinity(unsigned cpu) {
+    if (sched_getaffinity(0, sizeof(all_), &all_) != 0) return;
+    CPU_ZERO(&pinned_);
+    CPU_SET(cpu, &pinned_);
+    known_ = CPU_ISSET(cpu, &all_);
+  }
+  // Best effort: a thread that stays where it is serves its queue all the same.
+  void Pin() const {
+    if (known_) (void)sched_setaffinity(0, sizeof(pinned_), &pinned_);
+  }
+  void Widen() const {
+    if (known_) (void)sched_setaffinity(0, sizeof(all_), &all_);
+  }
+  static bool MaySpawnThreads(uint32_t opcode) {
+    return opcode == FUSE_OPEN || opcode == FUSE_CREATE;
+  }
+
+ private:
+  cpu_set_t all_{};
+  cpu_set_t pinned_{};
+  bool known_ = false;
+};
+
 // A thread's io_uring instance and its entry's payload memory.
 class Ring {
  public:
-  Ring() = default;
+  explicit Ring(uint16_t qid) : affinity(qid) { entry.qid = qid; }
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
   ~Ring() {
@@ -157,6 +185,7 @@ class Ring {
   }
 
   Entry entry;
+  const Affinity affinity;
 
  private:
   Status Take(io_uring_cqe* cqe, bool* done, int* res) {
@@ -169,14 +198,6 @@ class Ring {
   io_uring ring_{};
   bool ready_ = false;
 };
-
-void PinToCpu(unsigned cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  // Best effort: an unpinned thread serves its queue all the same.
-  (void)pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-}
 
 // The kernel's num_possible_cpus(): one more than the highest CPU in
 // /sys/devices/system/cpu/possible ("0-3", "0,2-5"). 0 when it cannot be read.
@@ -324,10 +345,9 @@ bool UringTransport::Impl::NextRequest(Ring* ring) {
 }
 
 void UringTransport::Impl::Run(uint16_t qid) {
-  PinToCpu(qid);
+  Ring ring(qid);
+  ring.affinity.Pin();
   pthread_setname_np(pthread_self(), fmt::format("ring-q{}", qid).c_str());
-  Ring ring;
-  ring.entry.qid = qid;
   Status st = ring.Init();
   if (!st.ok()) {
     spdlog::error("io_uring: {}", st.ToString());
@@ -371,9 +391,12 @@ void UringTransport::Impl::Serve(Ring* ring) {
     fuse_buf buf{};
     buf.size = in.len;
     buf.mem = msg;
+    bool widen = Affinity::MaySpawnThreads(in.opcode);
+    if (widen) ring->affinity.Widen();
     serving = e;
     fuse_session_process_buf(se, &buf);
     serving = nullptr;
+    if (widen) ring->affinity.Pin();
     if (!e->replied) {
       spdlog::error("io_uring: request {} (opcode {}) got no reply", io.commit_id, in.opcode);
       FailRequest(e, io.commit_id);
