@@ -10,7 +10,7 @@ build=(cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
        libfuse3-dev fuse3 librocksdb-dev libxxhash-dev libnfs-dev libnfs-utils
        libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libisal-dev liburing-dev libbenchmark-dev catch2)
 test=(qemu-utils python3 python3-pytest gdisk parted attr nfs-ganesha nfs-ganesha-vfs rpcbind)
-bench=(bindfs fio python3-matplotlib)
+bench=(bindfs fio python3-matplotlib qemu-block-extra)
 missing=()
 for p in "${build[@]}" "${test[@]}" "${bench[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KiB, MiB, create_image, expected_content, qemu_img_check, qemu_io,
-                      verify_patterns, write_patterns)
+from conftest import (KiB, MiB, create_image, daemon_command, expected_content, qemu_img_check,
+                      qemu_io, start_expecting_refusal, verify_patterns, write_patterns)
 
 PARAM = Path("/sys/module/fuse/parameters/enable_uring")
 SERVED = re.compile(r"io_uring: (\d+) requests served by (\d+) threads")
@@ -137,3 +137,14 @@ def test_a_stop_with_sigterm_ends_the_ring_threads(uring_param, mount):
     (m / "f").write_bytes(b"y" * (64 * KiB))
     m.terminate()  # must unmount and exit 0 while the rings wait for requests
     assert served(m.log()) > 0, m.log()
+
+
+@pytest.mark.parametrize("opt, expected", [("io_uring=maybe", "on or off"),
+                                           ("ring_threads=0", "a number from 1 to 64"),
+                                           ("ring_threads=65", "a number from 1 to 64")])
+def test_bad_values_are_refused(backing, tmp_path, opt, expected):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    err = start_expecting_refusal(daemon_command(backing.spec, mnt, tmp_path / "store", [opt]),
+                                  mnt, tmp_path / "log")
+    assert f"bad value in '-o {opt}': expected {expected}" in err, err
