@@ -98,8 +98,9 @@ thread_local Entry* serving = nullptr;
 // run a first open: the threads that verify and restore with start there and inherit it.
 class Affinity {
  public:
-  explicit Affinity(unsigned cpu) {
-    if (sched_getaffinity(0, sizeof(all_), &all_) != 0) return;
+  // `all`: the daemon's CPUs, as UringTransport::Start found them (a thread started by a pinned
+  // ring thread inherits its one CPU).
+  Affinity(unsigned cpu, const cpu_set_t& all) : all_(all) {
     CPU_ZERO(&pinned_);
     CPU_SET(cpu, &pinned_);
     known_ = CPU_ISSET(cpu, &all_);
@@ -124,7 +125,7 @@ class Affinity {
 // A thread's io_uring instance and its entry's payload memory.
 class Ring {
  public:
-  explicit Ring(uint16_t qid) : affinity(qid) { entry.qid = qid; }
+  Ring(uint16_t qid, const cpu_set_t& cpus) : affinity(qid, cpus) { entry.qid = qid; }
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
   ~Ring() {
@@ -229,6 +230,7 @@ struct UringTransport::Impl {
   std::atomic<unsigned> registered{0};
   std::atomic<uint64_t> served{0};
   std::unique_ptr<std::atomic<int>[]> idle;  // per queue: entries waiting for a request
+  cpu_set_t cpus{};                          // the daemon's, before any thread was pinned
 
   std::mutex mu;  // guards the two below
   std::vector<std::thread> threads;
@@ -268,6 +270,7 @@ Status UringTransport::Start() {
   if (cpus == 0) return Status::NotSupported("the number of possible CPUs is unknown");
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (impl_->queues != 0) return Status::Ok();
+  if (sched_getaffinity(0, sizeof(impl_->cpus), &impl_->cpus) != 0) CPU_ZERO(&impl_->cpus);
   impl_->queues = cpus;
   impl_->idle = std::make_unique<std::atomic<int>[]>(impl_->queues);
   impl_->started.assign(impl_->queues, 0);
@@ -345,7 +348,7 @@ bool UringTransport::Impl::NextRequest(Ring* ring) {
 }
 
 void UringTransport::Impl::Run(uint16_t qid) {
-  Ring ring(qid);
+  Ring ring(qid, cpus);
   ring.affinity.Pin();
   pthread_setname_np(pthread_self(), fmt::format("ring-q{}", qid).c_str());
   Status st = ring.Init();
