@@ -16,7 +16,7 @@ RangeReader::~RangeReader() {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
-  cv_.notify_all();
+  readers_cv_.notify_all();
   for (std::thread& t : readers_) t.join();
 }
 
@@ -29,17 +29,20 @@ Status RangeReader::Read(const ByteRange& r, std::vector<uint8_t>* buf) const {
   return file_.ReadAt(r.offset, std::span<uint8_t>(*buf).first(present));
 }
 
+bool RangeReader::CanClaim() const {
+  // Stay at most kWindowBytes ahead of the consumer: that bounds the memory held.
+  return next_ < ranges_.size() &&
+         (next_ == taken_ || held_ + ranges_[next_].length <= kWindowBytes);
+}
+
 void RangeReader::Work() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    // Stay at most kWindowBytes ahead of the consumer: that bounds the memory held.
-    cv_.wait(lock, [this] {
-      return stop_ || next_ >= ranges_.size() || next_ == taken_ ||
-             held_ + ranges_[next_].length <= kWindowBytes;
-    });
+    readers_cv_.wait(lock, [this] { return stop_ || next_ >= ranges_.size() || CanClaim(); });
     if (stop_ || next_ >= ranges_.size()) return;
     const size_t k = next_++;
     held_ += ranges_[k].length;
+    if (CanClaim()) readers_cv_.notify_one();  // room for more: pass the wake-up on
     std::vector<uint8_t> bytes;
     if (!spare_.empty()) {
       bytes = std::move(spare_.back());
@@ -54,8 +57,9 @@ void RangeReader::Work() {
     if (!slots_[k].status.ok()) {  // stop reading; the consumer sees the error at range k
       stop_ = true;
       failed_at_ = std::min(failed_at_, k);
+      readers_cv_.notify_all();
     }
-    cv_.notify_all();
+    if (k == awaited_ || k >= failed_at_) consumer_cv_.notify_one();
   }
 }
 
@@ -64,7 +68,9 @@ Status RangeReader::Take(size_t k, std::vector<uint8_t>* buf) {
   std::unique_lock<std::mutex> lock(mu_);
   // Ranges are claimed in order and a claimed read always completes, so every range before a
   // failed one is there; ranges after it may never be read.
-  cv_.wait(lock, [&] { return slots_.at(k).done || k > failed_at_; });
+  awaited_ = k;
+  consumer_cv_.wait(lock, [&] { return slots_.at(k).done || k > failed_at_; });
+  awaited_ = std::numeric_limits<size_t>::max();
   if (k > failed_at_) return slots_[failed_at_].status;  // even if read before the failure
   if (buf->capacity() > 0)
     spare_.push_back(std::move(*buf));  // the range the consumer is done with
@@ -72,7 +78,7 @@ Status RangeReader::Take(size_t k, std::vector<uint8_t>* buf) {
   slots_[k].bytes = {};
   taken_ = k + 1;
   held_ -= ranges_[k].length;
-  cv_.notify_all();
+  if (CanClaim()) readers_cv_.notify_one();
   return slots_[k].status;
 }
 
