@@ -39,28 +39,48 @@ Status MemoryImageFile::Identity(FileIdentity* id) const {
   return Status::Ok();
 }
 
+OverlayImageFile::Patch OverlayImageFile::Copy(std::span<const uint8_t> bytes) {
+  auto owner = std::make_shared<const std::vector<uint8_t>>(bytes.begin(), bytes.end());
+  return Patch{*owner, owner};
+}
+
 void OverlayImageFile::Add(uint64_t offset, std::span<const uint8_t> bytes) {
-  if (bytes.empty()) return;
-  const uint64_t end = offset + bytes.size();
+  Lay(0, offset, Copy(bytes));
+}
+
+void OverlayImageFile::Add(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes) {
+  Lay(extent, offset, Copy(bytes));
+}
+
+void OverlayImageFile::Borrow(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes) {
+  Lay(extent, offset, Patch{bytes, nullptr});
+}
+
+void OverlayImageFile::Lay(uint16_t extent, uint64_t offset, Patch patch) {
+  if (extent != 0) {
+    extent_patches_[extent].emplace_back(offset, std::move(patch));
+    return;
+  }
+  if (patch.bytes.empty()) return;
+  const uint64_t end = offset + patch.bytes.size();
   // Keep patches disjoint: trim the ones the new patch covers, keeping their uncovered ends.
   auto it = patches_.upper_bound(offset);
   if (it != patches_.begin()) --it;
   while (it != patches_.end() && it->first < end) {
-    const uint64_t p_off = it->first, p_end = p_off + it->second.size();
+    const uint64_t p_off = it->first, p_end = p_off + it->second.bytes.size();
     if (p_end <= offset) {
       ++it;
       continue;
     }
-    std::vector<uint8_t> old = std::move(it->second);
+    Patch old = std::move(it->second);
     it = patches_.erase(it);
-    if (p_off < offset)
-      patches_.emplace(p_off, std::vector<uint8_t>(old.begin(), old.begin() + (offset - p_off)));
+    if (p_off < offset) patches_.emplace(p_off, Patch{old.bytes.first(offset - p_off), old.owner});
     if (p_end > end) {
-      patches_.emplace(end, std::vector<uint8_t>(old.begin() + (end - p_off), old.end()));
+      patches_.emplace(end, Patch{old.bytes.subspan(end - p_off), old.owner});
       break;
     }
   }
-  patches_.emplace(offset, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+  patches_.emplace(offset, std::move(patch));
   end_ = std::max(end_, end);
 }
 
@@ -75,20 +95,29 @@ Status OverlayImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
   VMETAFS_RETURN_IF_ERROR(base_.Size(&base_size));
   const uint64_t size = std::max(base_size, end_);
   if (offset > size || out.size() > size - offset) return PastEnd(offset, out.size(), size);
-  // The part inside the base comes from the base; the rest (grown by patches) starts as zeros.
+  // Patches are copied; only the gaps between them come from the base (a table the journal laid
+  // over is not read from the storage too). Past the base's end, gaps read as zeros.
   const uint64_t end = offset + out.size();
-  const uint64_t from_base = offset < base_size ? std::min(end, base_size) - offset : 0;
-  if (from_base > 0) VMETAFS_RETURN_IF_ERROR(base_.ReadAt(offset, out.first(from_base)));
-  std::memset(out.data() + from_base, 0, out.size() - from_base);
+  auto fill_gap = [&](uint64_t lo, uint64_t hi) -> Status {
+    if (lo >= hi) return Status::Ok();
+    std::span<uint8_t> gap = out.subspan(lo - offset, hi - lo);
+    const uint64_t from_base = lo < base_size ? std::min(hi, base_size) - lo : 0;
+    if (from_base > 0) VMETAFS_RETURN_IF_ERROR(base_.ReadAt(lo, gap.first(from_base)));
+    std::memset(gap.data() + from_base, 0, gap.size() - from_base);
+    return Status::Ok();
+  };
+  uint64_t pos = offset;  // everything before it is filled
   auto it = patches_.upper_bound(offset);
   if (it != patches_.begin()) --it;
   for (; it != patches_.end() && it->first < end; ++it) {
     const uint64_t lo = std::max(offset, it->first);
-    const uint64_t hi = std::min(end, it->first + it->second.size());
-    if (lo < hi)
-      std::memcpy(out.data() + (lo - offset), it->second.data() + (lo - it->first), hi - lo);
+    const uint64_t hi = std::min(end, it->first + it->second.bytes.size());
+    if (lo >= hi) continue;
+    VMETAFS_RETURN_IF_ERROR(fill_gap(pos, lo));
+    std::memcpy(out.data() + (lo - offset), it->second.bytes.data() + (lo - it->first), hi - lo);
+    pos = hi;
   }
-  return Status::Ok();
+  return fill_gap(pos, end);
 }
 
 Status OverlayImageFile::WriteAt(uint64_t, std::span<const uint8_t>) {
@@ -100,11 +129,6 @@ Status ImageFile::OpenExtent(uint16_t extent, const std::string& name, const Ima
       "extent {} (\"{}\"): this file has no storage to find other files on", extent, name));
 }
 
-void OverlayImageFile::Add(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes) {
-  if (extent == 0) return Add(offset, bytes);
-  extent_patches_[extent].emplace_back(offset, std::vector<uint8_t>(bytes.begin(), bytes.end()));
-}
-
 const ImageFile* OverlayImageFile::Overlaid(uint16_t extent, const ImageFile* file) const {
   auto patches = extent_patches_.find(extent);
   if (file == nullptr || patches == extent_patches_.end()) return file;
@@ -112,7 +136,7 @@ const ImageFile* OverlayImageFile::Overlaid(uint16_t extent, const ImageFile* fi
   std::unique_ptr<OverlayImageFile>& view = extent_views_[{extent, file}];
   if (view == nullptr) {
     view = std::make_unique<OverlayImageFile>(*file);
-    for (const auto& [offset, bytes] : patches->second) view->Add(offset, bytes);
+    for (const auto& [offset, patch] : patches->second) view->Lay(0, offset, patch);
   }
   return view.get();
 }

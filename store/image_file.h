@@ -86,6 +86,9 @@ class OverlayImageFile : public ImageFile {
   // A patch of another file of a multi-file image: the extent, once the base resolves it, reads
   // as an overlay with the patch laid over it.
   void Add(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes);
+  // As Add, without a copy: `bytes` must stay unchanged and outlive this view (and its copies).
+  // A view of a large image's every table laid over it then costs no memory of its own.
+  void Borrow(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes);
   Status ReadAt(uint64_t offset, std::span<uint8_t> out) const override;
   Status WriteAt(uint64_t, std::span<const uint8_t>) override;  // NotSupported
   Status Sync() override { return Status::Ok(); }
@@ -95,15 +98,22 @@ class OverlayImageFile : public ImageFile {
   const ImageFile* Extent(uint16_t extent) const override;
 
  private:
+  // Bytes laid over the base: copied by Add (and then owned, shared by trimmed parts and copies
+  // of the view) or borrowed.
+  struct Patch {
+    std::span<const uint8_t> bytes;
+    std::shared_ptr<const std::vector<uint8_t>> owner;  // null when borrowed
+  };
+  static Patch Copy(std::span<const uint8_t> bytes);
+  void Lay(uint16_t extent, uint64_t offset, Patch patch);
   // `file`, the base's file of `extent`, seen with that extent's patches.
   const ImageFile* Overlaid(uint16_t extent, const ImageFile* file) const;
 
   const ImageFile& base_;
-  std::map<uint64_t, std::vector<uint8_t>> patches_;  // disjoint, keyed by offset
-  uint64_t end_ = 0;                                  // end of the furthest patch
-  using Patch = std::pair<uint64_t, std::vector<uint8_t>>;
-  std::map<uint16_t, std::vector<Patch>> extent_patches_;  // in the order added
-  mutable std::mutex extents_mutex_;                       // guards extent_views_
+  std::map<uint64_t, Patch> patches_;  // disjoint, keyed by offset
+  uint64_t end_ = 0;                   // end of the furthest patch
+  std::map<uint16_t, std::vector<std::pair<uint64_t, Patch>>> extent_patches_;  // in order added
+  mutable std::mutex extents_mutex_;  // guards extent_views_
   mutable std::map<std::pair<uint16_t, const ImageFile*>, std::unique_ptr<OverlayImageFile>>
       extent_views_;
 };

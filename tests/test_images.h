@@ -1,6 +1,7 @@
 // Helpers for unit tests: scratch directories and images made by qemu-img/qemu-io at test time.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -41,5 +42,20 @@ uint32_t Be32At(const std::vector<uint8_t>& bytes, uint64_t offset);
 // Little-endian reads (VMDK, VHDX).
 uint64_t Le64At(const std::vector<uint8_t>& bytes, uint64_t offset);
 uint32_t Le32At(const std::vector<uint8_t>& bytes, uint64_t offset);
+
+// An image in memory that counts the bytes read from it so far.
+class CountingFile : public store::MemoryImageFile {
+ public:
+  using MemoryImageFile::MemoryImageFile;
+  Status ReadAt(uint64_t offset, std::span<uint8_t> out) const override {
+    read_ += out.size();
+    return MemoryImageFile::ReadAt(offset, out);
+  }
+  uint64_t read() const { return read_; }
+  void Reset() { read_ = 0; }
+
+ private:
+  mutable std::atomic<uint64_t> read_{0};
+};
 
 }  // namespace vmetafs::testing

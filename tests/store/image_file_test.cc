@@ -4,8 +4,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "tests/test_images.h"
+
 namespace vmetafs::store {
 namespace {
+
+using testing::CountingFile;
 
 std::vector<uint8_t> Bytes(std::initializer_list<int> values) {
   std::vector<uint8_t> out;
@@ -99,6 +103,41 @@ TEST_CASE("OverlayImageFile grows past the base's end; reads past the view's end
   REQUIRE(base.Identity(&base_id).ok());
   REQUIRE(view.Identity(&view_id).ok());
   CHECK(view_id == base_id);
+}
+
+TEST_CASE("OverlayImageFile reads the base only between patches", "[image_file]") {
+  CountingFile base(Bytes({10, 11, 12, 13, 14, 15, 16, 17}));
+  OverlayImageFile view(base);
+  view.Add(0, Bytes({20, 21, 22}));
+  view.Add(5, Bytes({25, 26}));
+  CHECK(ReadOrFail(view, 0, 3) == Bytes({20, 21, 22}));
+  CHECK(base.read() == 0);  // wholly patched: the base is not read
+  CHECK(ReadOrFail(view, 0, 8) == Bytes({20, 21, 22, 13, 14, 25, 26, 17}));
+  CHECK(base.read() == 3);   // [3, 5) and [7, 8)
+  view.Add(8, Bytes({28}));  // grows the view: the gap past the base reads as zeros
+  view.Add(10, Bytes({30}));
+  base.Reset();
+  CHECK(ReadOrFail(view, 6, 5) == Bytes({26, 17, 28, 0, 30}));
+  CHECK(base.read() == 1);
+}
+
+TEST_CASE("OverlayImageFile borrows bytes without copying them, trimmed like copies",
+          "[image_file]") {
+  MemoryImageFile base(Bytes({10, 11, 12, 13, 14, 15, 16, 17}));
+  OverlayImageFile view(base);
+  std::vector<uint8_t> lent = Bytes({40, 41, 42, 43});
+  view.Borrow(0, 2, lent);
+  CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 41, 42, 43, 16, 17}));
+  lent[1] = 99;  // not copied: the view reads the lent bytes as they are now
+  CHECK(ReadOrFail(view, 3, 1) == Bytes({99}));
+  // A later patch in the middle keeps both ends of the borrowed one.
+  view.Add(3, Bytes({50}));
+  CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 50, 42, 43, 16, 17}));
+  // A copy of the view shares the patches; patches added to it stay its own.
+  OverlayImageFile copy(view);
+  copy.Add(4, Bytes({60, 61, 62}));
+  CHECK(ReadOrFail(copy, 0, 8) == Bytes({10, 11, 40, 50, 60, 61, 62, 17}));
+  CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 50, 42, 43, 16, 17}));
 }
 
 TEST_CASE("OverlayImageFile over an empty base, and overlays of overlays", "[image_file]") {

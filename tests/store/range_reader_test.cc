@@ -8,8 +8,12 @@
 #include <thread>
 #include <vector>
 
+#include "tests/test_images.h"
+
 namespace vmetafs::store {
 namespace {
+
+using testing::CountingFile;
 
 std::vector<uint8_t> Pattern(size_t n) {
   std::vector<uint8_t> out(n);
@@ -77,20 +81,6 @@ TEST_CASE("RangeReader reports a failed read at its range, and stops", "[range_r
   CHECK(failed.Errno() == EIO);
   CHECK(reader.Take(11, &buf).Errno() == EIO);
 }
-
-// Counts the bytes read so far.
-class CountingFile : public MemoryImageFile {
- public:
-  using MemoryImageFile::MemoryImageFile;
-  Status ReadAt(uint64_t offset, std::span<uint8_t> out) const override {
-    read_ += out.size();
-    return MemoryImageFile::ReadAt(offset, out);
-  }
-  uint64_t read() const { return read_; }
-
- private:
-  mutable std::atomic<uint64_t> read_{0};
-};
 
 TEST_CASE("RangeReader holds at most its window of bytes ahead of the consumer", "[range_reader]") {
   // 4 MiB ranges: the window holds 8 of them, far fewer than the readers.
