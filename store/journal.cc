@@ -532,9 +532,16 @@ Status Journal::CompleteFlush(uint64_t image_id) {
 }
 
 Status Journal::AddEvent(Event* event, const std::vector<QuarantinedUnit>& quarantine) {
+  std::vector<QuarantineView> views;
+  views.reserve(quarantine.size());
+  for (const QuarantinedUnit& q : quarantine) views.push_back({q.unit, q.bytes});
+  return AddEvent(event, views);
+}
+
+Status Journal::AddEvent(Event* event, std::span<const QuarantineView> quarantine) {
   std::shared_lock<std::shared_mutex> alive(impl_->life);
   VMETAFS_RETURN_IF_ERROR(impl_->CheckWritable());
-  for (const QuarantinedUnit& q : quarantine) {
+  for (const QuarantineView& q : quarantine) {
     if (q.unit.length == 0) return Status::InvalidArgument("quarantined unit without a length");
   }
   RocksStore& st = impl_->store;
@@ -544,8 +551,8 @@ Status Journal::AddEvent(Event* event, const std::vector<QuarantinedUnit>& quara
   ws.Put(st.cf(Cf::kEvents), jc::EventKey(event->image_id, event->seq), jc::EncodeEvent(*event));
   // Identical bytes are stored once per event: zeroed tables are all alike, and this record is
   // synced before the restore writes anything.
-  std::unordered_multimap<uint64_t, const QuarantinedUnit*> stored;
-  for (const QuarantinedUnit& q : quarantine) {
+  std::unordered_multimap<uint64_t, const QuarantineView*> stored;
+  for (const QuarantineView& q : quarantine) {
     const uint64_t hash =
         ContentHash({reinterpret_cast<const uint8_t*>(q.bytes.data()), q.bytes.size()});
     const MetadataUnit* same_as = nullptr;
@@ -557,7 +564,7 @@ Status Journal::AddEvent(Event* event, const std::vector<QuarantinedUnit>& quara
     }
     if (same_as == nullptr) stored.emplace(hash, &q);
     ws.Put(st.cf(Cf::kQuarantine), jc::QuarantineKey(event->seq, q.unit.extent, q.unit.offset),
-           jc::EncodeQuarantine(q, same_as));
+           jc::EncodeQuarantine(q.unit, q.bytes, same_as));
   }
   ws.Merge(st.cf(Cf::kDefault), jc::kNextSeqKey, jc::EncodeCounter(event->seq + 1));
   // Always synced: the quarantined bytes must be safe before a restore overwrites them.

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -107,6 +108,12 @@ struct QuarantinedUnit {
   MetadataUnit unit;
   std::string bytes;
 };
+// The same with the bytes borrowed: a restore of many alike units (zeroed tables) holds their
+// content once.
+struct QuarantineView {
+  MetadataUnit unit;
+  std::string_view bytes;
+};
 
 class JournalBatch {
  public:
@@ -176,6 +183,8 @@ class Journal {
   Status CompleteFlush(uint64_t image_id);
 
   // Events and quarantine.
+  // Records the event with the bytes it replaced (stored once per distinct content), synced.
+  Status AddEvent(Event* event, std::span<const QuarantineView> quarantine = {});
   Status AddEvent(Event* event, const std::vector<QuarantinedUnit>& quarantine);
   Status Events(uint64_t image_id, std::vector<Event>* out) const;
   Status AllEvents(std::vector<Event>* out) const;

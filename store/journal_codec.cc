@@ -348,15 +348,16 @@ Status DecodeEvent(std::string_view key, std::string_view value, Event* e) {
   return r.Done() ? Status::Ok() : Bad("event");
 }
 
-std::string EncodeQuarantine(const QuarantinedUnit& q, const MetadataUnit* same_as) {
+std::string EncodeQuarantine(const MetadataUnit& unit, std::string_view bytes,
+                             const MetadataUnit* same_as) {
   std::string v;
   PutU8(&v, kRecordVersion);
-  PutUnitShape(&v, q.unit, same_as ? kQuarantineSameAs : 0);
+  PutUnitShape(&v, unit, same_as ? kQuarantineSameAs : 0);
   if (same_as) {
     PutBe16(&v, same_as->extent);
     PutBe64(&v, same_as->offset);
   } else {
-    v.append(q.bytes);
+    v.append(bytes);
   }
   return v;
 }

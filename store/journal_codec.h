@@ -82,7 +82,8 @@ Status DecodeEvent(std::string_view key, std::string_view value, Event* e);
 
 // A quarantined unit; with `same_as`, its bytes are those of that unit of the same event and are
 // not stored again.
-std::string EncodeQuarantine(const QuarantinedUnit& q, const MetadataUnit* same_as);
+std::string EncodeQuarantine(const MetadataUnit& unit, std::string_view bytes,
+                             const MetadataUnit* same_as);
 struct QuarantineRecord {
   QuarantinedUnit unit;  // bytes empty when same_as
   bool same_as = false;

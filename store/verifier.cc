@@ -118,6 +118,19 @@ Status WriteContents(ImageFile& file, const std::vector<QuarantinedUnit>& conten
 
 }  // namespace
 
+std::string_view DistinctBytes::Hold(std::span<const uint8_t> bytes, uint64_t hash,
+                                     uint64_t limit) {
+  const std::string_view want(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  for (auto [it, end] = by_hash_.equal_range(hash); it != end; ++it) {
+    if (it->second == want) return it->second;
+  }
+  if (bytes.size() > limit || bytes_ > limit - bytes.size()) return {};
+  const std::string_view kept = held_.emplace_back(want);
+  by_hash_.emplace(hash, kept);
+  bytes_ += kept.size();
+  return kept;
+}
+
 std::string_view UnitResultName(UnitCheck::Result r) {
   switch (r) {
     case UnitCheck::Result::kMatch:
@@ -232,7 +245,7 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
 
   std::vector<MetadataUnit> units;
   VMETAFS_RETURN_IF_ERROR(journal.ForEachUnit(image.id, false, [&](const UnitVersion& v) {
-    out->units.push_back(UnitCheck{v, UnitCheck::Result::kMatch, 0});
+    out->units.push_back(UnitCheck{v, UnitCheck::Result::kMatch, 0, {}});
     units.push_back(v.unit);
     return Status::Ok();
   }));
@@ -265,6 +278,8 @@ Status Verify(const Journal& journal, const ImageRecord& image, const ImageFile&
         } else {
           c.result = past_end(u) ? UnitCheck::Result::kMissing : UnitCheck::Result::kDiffers;
           ++out->differing;
+          if (!bytes.empty())
+            c.storage_bytes = out->held->Hold(bytes, c.storage_hash, Verification::kHeldBytes);
         }
         return Status::Ok();
       });
@@ -310,7 +325,8 @@ Status GetUnits(const Journal& journal, uint64_t image_id, const std::vector<Met
 }
 
 // Lays the journal's content over the units that differ from it: the journal's view of `file`.
-// *laid receives that content, in the order of v.units (a restore writes it).
+// *laid receives that content, in the order of v.units (a restore writes it); the overlay borrows
+// it, so *laid must not change while the overlay is read.
 Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay,
                       std::vector<QuarantinedUnit>* laid) {
   std::vector<MetadataUnit> differing;
@@ -320,12 +336,12 @@ Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImag
   }
   std::vector<UnitVersion> full;
   VMETAFS_RETURN_IF_ERROR(GetUnits(journal, v.image.id, differing, &full));
-  for (size_t i = 0; i < full.size(); ++i) {
-    const MetadataUnit& u = differing[i];
-    overlay->Add(u.extent, u.offset,
-                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(full[i].content.data()),
-                                          full[i].content.size()));
-    laid->push_back({u, std::move(full[i].content)});
+  laid->reserve(full.size());
+  for (size_t i = 0; i < full.size(); ++i)
+    laid->push_back({differing[i], std::move(full[i].content)});
+  for (const QuarantinedUnit& q : *laid) {
+    overlay->Borrow(q.unit.extent, q.unit.offset,
+                    {reinterpret_cast<const uint8_t*>(q.bytes.data()), q.bytes.size()});
   }
   return Status::Ok();
 }
@@ -454,12 +470,24 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
     return Status::Ok();
   }
   // Never write a unit the journal's own view no longer references as metadata.
+  std::map<UnitKey, std::string_view> read;  // the storage's bytes Verify held
+  for (const UnitCheck& c : v->units) {
+    if (!c.storage_bytes.empty()) read.emplace(KeyOf(c.journaled.unit), c.storage_bytes);
+  }
   for (QuarantinedUnit& q : laid) {
     const MetadataUnit& u = q.unit;
     const MetadataUnit* in_view = view.map.Find(u.extent, u.offset);
     const bool restore = in_view && in_view->length == u.length;
     (restore ? plan->restore : plan->skipped).push_back(u);
-    if (restore) plan->contents.push_back(std::move(q));
+    if (!restore) continue;
+    auto r = read.find(KeyOf(u));
+    if (r != read.end() && r->second.size() == u.length) plan->replaced.push_back({u, r->second});
+    plan->contents.push_back(std::move(q));
+  }
+  if (plan->replaced.size() == plan->restore.size()) {
+    plan->replaced_held = v->held;
+  } else {
+    plan->replaced.clear();
   }
   plan->action = Action::kRestored;
   plan->units = plan->restore;
@@ -483,7 +511,7 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
 
 Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
                    std::vector<MetadataUnit> units, const std::string& detail,
-                   const std::vector<QuarantinedUnit>& quarantine) {
+                   std::span<const QuarantineView> quarantine) {
   Event e;
   e.time_ns = NowNs();
   e.image_id = image.id;
@@ -498,6 +526,33 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
   return journal.AddEvent(&e, quarantine);
 }
 
+namespace {
+
+// Writes `contents` over the storage once `replaced` (the bytes they replace, in the same order)
+// is in the journal with a kRestored event saying `detail`: every restore can be undone, even one
+// interrupted half way.
+Status WriteBack(Journal& journal, const ImageRecord& image, ImageFile& file,
+                 std::vector<QuarantinedUnit> contents, std::span<const QuarantineView> replaced,
+                 const std::string& detail, std::vector<QuarantinedUnit>* unwritten) {
+  unwritten->clear();
+  std::vector<MetadataUnit> units;
+  for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
+  VMETAFS_RETURN_IF_ERROR(RecordEvent(journal, image, Action::kRestored, units, detail, replaced));
+  VMETAFS_RETURN_IF_ERROR(journal.Sync());
+  Status write_status = WriteContents(file, contents);
+  if (write_status.ok()) write_status = file.Sync();
+  if (!write_status.ok()) {
+    *unwritten = std::move(contents);
+    return RecordEvent(journal, image, Action::kRestored, units,
+                       fmt::format("the restored units could not be written back ({}); they are "
+                                   "served from the journal while the image is open",
+                                   write_status.ToString()));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan* plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
   std::vector<QuarantinedUnit> contents;
@@ -510,6 +565,11 @@ Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan
       VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
       contents.push_back({u, std::move(full.content)});
     }
+  }
+  if (plan->replaced.size() == contents.size() && plan->replaced_held != nullptr) {
+    // Verify held what the storage holds there: no need to read it again.
+    return WriteBack(journal, image, file, std::move(contents), plan->replaced, plan->detail,
+                     unwritten);
   }
   return RestoreContents(journal, image, file, std::move(contents), plan->detail, progress,
                          unwritten);
@@ -529,30 +589,16 @@ void NoteRestored(const Plan& plan, Verification* v) {
 Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& file,
                        std::vector<QuarantinedUnit> contents, const std::string& detail,
                        const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
-  unwritten->clear();
   std::vector<MetadataUnit> units;
   for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
-  std::vector<QuarantinedUnit> quarantine;
+  DistinctBytes held;
+  std::vector<QuarantineView> replaced;
   VMETAFS_RETURN_IF_ERROR(
       ReadUnits(file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
-        quarantine.push_back({u, std::string(bytes.begin(), bytes.end())});
+        replaced.push_back({u, held.Hold(bytes, ContentHash(bytes))});
         return Status::Ok();
       }));
-  // The replaced bytes are in the journal before the first byte is written: every restore can be
-  // undone, even one interrupted half way.
-  VMETAFS_RETURN_IF_ERROR(
-      RecordEvent(journal, image, Action::kRestored, units, detail, quarantine));
-  VMETAFS_RETURN_IF_ERROR(journal.Sync());
-  Status write_status = WriteContents(file, contents);
-  if (write_status.ok()) write_status = file.Sync();
-  if (!write_status.ok()) {
-    *unwritten = std::move(contents);
-    return RecordEvent(journal, image, Action::kRestored, units,
-                       fmt::format("the restored units could not be written back ({}); they are "
-                                   "served from the journal while the image is open",
-                                   write_status.ToString()));
-  }
-  return Status::Ok();
+  return WriteBack(journal, image, file, std::move(contents), replaced, detail, unwritten);
 }
 
 Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& file,

@@ -6,8 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <memory>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "store/formats/format.h"
@@ -20,6 +24,21 @@ namespace vmetafs::store {
 // Called with (bytes done, bytes total) while metadata is read; for progress bars.
 using ProgressFn = std::function<void(uint64_t done, uint64_t total)>;
 
+// Byte strings held once each: alike units (the zeroed tables of a damaged image) share one copy.
+// The views it hands out stay valid for its life.
+class DistinctBytes {
+ public:
+  // A view of bytes equal to `bytes` (whose ContentHash is `hash`), held here; an empty view when
+  // holding them would take more than `limit` bytes in all.
+  std::string_view Hold(std::span<const uint8_t> bytes, uint64_t hash, uint64_t limit = UINT64_MAX);
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  std::deque<std::string> held_;  // a deque: growing it moves no string
+  std::unordered_multimap<uint64_t, std::string_view> by_hash_;
+  uint64_t bytes_ = 0;
+};
+
 // One journaled unit held against the storage.
 struct UnitCheck {
   enum class Result : uint8_t {
@@ -31,6 +50,7 @@ struct UnitCheck {
   UnitVersion journaled;  // without content
   Result result = Result::kMatch;
   uint64_t storage_hash = 0;
+  std::string_view storage_bytes;  // a differing unit's bytes as read, when held (Verification)
 };
 std::string_view UnitResultName(UnitCheck::Result r);
 
@@ -46,6 +66,10 @@ struct Verification {
   bool changed_outside = false;  // the storage changed while vmetafs was not the writer
   std::string change_reason;
   FileIdentity identity;  // what the storage says now
+  // The bytes of the differing units as Verify read them, while they fit in kHeldBytes: a
+  // restore puts them in quarantine without reading the storage again.
+  static constexpr uint64_t kHeldBytes = 64ull << 20;
+  std::shared_ptr<DistinctBytes> held = std::make_shared<DistinctBytes>();
 
   bool storage_valid() const {
     return storage.valid() && (!checked_deep || check_problems.empty());
@@ -74,6 +98,10 @@ struct Plan {
   // The journal's content of `restore`, in its order, as Decide read it to check the journal's
   // view (Restore reads the journal again when it is not given).
   std::vector<QuarantinedUnit> contents;
+  // The storage's bytes of `restore`, in its order, as Verify read them (held by replaced_held);
+  // empty when Verify did not hold them all (Restore reads them then).
+  std::vector<QuarantineView> replaced;
+  std::shared_ptr<const DistinctBytes> replaced_held;
   std::string detail;  // the reason, in words
 };
 
@@ -119,7 +147,7 @@ Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& fi
 // Records a decision as an event (and a log line).
 Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
                    std::vector<MetadataUnit> units, const std::string& detail,
-                   const std::vector<QuarantinedUnit>& quarantine = {});
+                   std::span<const QuarantineView> quarantine = {});
 
 // Reads the listed units from `file` in large coalesced reads and calls `fn` per unit with its
 // bytes. Bytes past the end of the file read as zeros. Units of another extent are read from

@@ -205,7 +205,7 @@ TEST_CASE("renaming onto an existing image replaces it", "[journal]") {
   e.image_id = b.id;
   e.image = "b.img";
   e.action = Action::kBaseline;
-  REQUIRE_OK(j->AddEvent(&e, {}));
+  REQUIRE_OK(j->AddEvent(&e));
 
   REQUIRE_OK(j->RenameImage("a.img", "b.img"));
   REQUIRE_OK(j->FindImage("b.img", &found));
@@ -502,7 +502,7 @@ TEST_CASE("sequence numbers grow across restarts", "[journal]") {
   CHECK(v.seq > last);
   Event e;
   e.image_id = id;
-  REQUIRE_OK(j->AddEvent(&e, {}));
+  REQUIRE_OK(j->AddEvent(&e));
   CHECK(e.seq > v.seq);
   ImageRecord im;
   REQUIRE_OK(j->GetImage(id, &im));
@@ -523,10 +523,10 @@ TEST_CASE("events and quarantined bytes round-trip", "[journal]") {
     a_id = a.id;
     b_id = b.id;
     Event baseline = MakeEvent(a.id, "a.qcow2", Action::kBaseline);
-    REQUIRE_OK(j->AddEvent(&baseline, {}));
+    REQUIRE_OK(j->AddEvent(&baseline));
     Event other =
         MakeEvent(b.id, "b.qcow2", Action::kRefused, "L1 table lost and the journal is empty");
-    REQUIRE_OK(j->AddEvent(&other, {}));
+    REQUIRE_OK(j->AddEvent(&other));
     Event restored =
         MakeEvent(a.id, "a.qcow2", Action::kRestored, "header and L1 did not match the journal",
                   {quarantine[0].unit, quarantine[1].unit});
@@ -771,7 +771,7 @@ TEST_CASE("a read-only open works beside a writer and writes nothing", "[journal
   Rewrite(*w, im.id, u, std::string(65536, '1'));
   Rewrite(*w, im.id, u, std::string(65536, '2'));
   Event e = MakeEvent(im.id, "vm.qcow2", Action::kBaseline);
-  REQUIRE_OK(w->AddEvent(&e, {}));
+  REQUIRE_OK(w->AddEvent(&e));
   REQUIRE_OK(w->Sync());
 
   auto before = Listing(store);
@@ -798,7 +798,7 @@ TEST_CASE("a read-only open works beside a writer and writes nothing", "[journal
     b.PutUnit(im.id, Version(u, std::string(65536, '3'), 0, nullptr), nullptr);
     CHECK(r->Write(b).code() == Status::Code::kNotSupported);
     CHECK(r->CompleteFlush(im.id).code() == Status::Code::kNotSupported);
-    CHECK(r->AddEvent(&e, {}).code() == Status::Code::kNotSupported);
+    CHECK(r->AddEvent(&e).code() == Status::Code::kNotSupported);
     REQUIRE_OK(r->Sync());
     REQUIRE_OK(r->Close());
   }

@@ -2,10 +2,13 @@
 // damage poked at offsets read from the image, the Protector opening them as the daemon would.
 #include "store/protector.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstring>
+#include <set>
 
+#include "store/verifier.h"
 #include "tests/test_images.h"
 
 namespace vmetafs::store {
@@ -114,6 +117,59 @@ TEST_CASE("damage after a clean close is restored and quarantined", "[protector]
   }
   CHECK(found);
   CHECK(f.FirstOpen().action == Action::kVerified);
+}
+
+TEST_CASE("a restore quarantines exactly what the storage held", "[protector]") {
+  Fixture f;
+  f.FirstOpen();
+  const std::vector<uint8_t> bytes = ReadFile(f.image);
+  const uint64_t l1 = Be64At(bytes, kL1OffsetField);
+  constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;  // L1 entry: the L2 table's offset
+  const uint64_t l2_first = Be64At(bytes, l1) & kOffsetMask;
+  const uint64_t l2_second = Be64At(bytes, l1 + 8) & kOffsetMask;
+  REQUIRE(l2_first != 0);
+  REQUIRE(l2_second != 0);
+  // Two alike units (zeroed tables) and a garbled one.
+  Zero(f.image, l2_first, 64 << 10);
+  Zero(f.image, l2_second, 64 << 10);
+  WriteFileAt(f.image, l1, std::vector<uint8_t>(16, 0x5a));
+  const std::vector<uint8_t> damaged = ReadFile(f.image);
+
+  REQUIRE(f.FirstOpen().action == Action::kRestored);
+  Run("qemu-img check -q " + f.image);
+  const std::vector<Event> events = f.Events();
+  auto restored = std::find_if(events.rbegin(), events.rend(),
+                               [](const Event& e) { return e.action == Action::kRestored; });
+  REQUIRE(restored != events.rend());
+  std::vector<QuarantinedUnit> quarantined;
+  REQUIRE(f.protector->journal().Quarantine(restored->seq, &quarantined).ok());
+  std::set<uint64_t> offsets;
+  for (const QuarantinedUnit& q : quarantined) {
+    INFO("unit at " << q.unit.offset);
+    REQUIRE(q.unit.offset + q.unit.length <= damaged.size());
+    CHECK(q.bytes == std::string(damaged.begin() + q.unit.offset,
+                                 damaged.begin() + q.unit.offset + q.unit.length));
+    offsets.insert(q.unit.offset);
+  }
+  CHECK(offsets.count(l2_first));
+  CHECK(offsets.count(l2_second));
+  CHECK(offsets.count(l1 & ~0xffffull));
+}
+
+TEST_CASE("DistinctBytes holds alike bytes once, within its limit", "[protector]") {
+  DistinctBytes held;
+  const std::vector<uint8_t> zeros(4096, 0), other(4096, 7);
+  const std::string_view a = held.Hold(zeros, ContentHash(zeros), 8192);
+  const std::string_view b = held.Hold(zeros, ContentHash(zeros), 8192);
+  CHECK(a.data() == b.data());  // one copy
+  CHECK(held.bytes() == 4096);
+  // The same hash with other bytes is not taken for the same content.
+  const std::string_view c = held.Hold(other, ContentHash(zeros), 8192);
+  CHECK(c == std::string(4096, 7));
+  CHECK(held.bytes() == 8192);
+  const std::vector<uint8_t> third(1, 1);
+  CHECK(held.Hold(third, ContentHash(third), 8192).empty());             // past the limit: not held
+  CHECK(held.Hold(zeros, ContentHash(zeros), 8192).data() == a.data());  // held already
 }
 
 TEST_CASE("a valid change made outside the mount is adopted, not reverted", "[protector]") {
