@@ -4,10 +4,11 @@
 
 namespace vmetafs::store {
 
-RangeReader::RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges)
+RangeReader::RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges,
+                         size_t readers)
     : file_(file), size_(file_size), ranges_(std::move(ranges)), slots_(ranges_.size()) {
   if (ranges_.size() < 2) return;  // nothing to overlap: Take reads it
-  const size_t n = std::min(kReaders, ranges_.size());
+  const size_t n = std::min(std::max<size_t>(readers, 1), ranges_.size());
   for (size_t i = 0; i < n; ++i) readers_.emplace_back([this] { Work(); });
 }
 

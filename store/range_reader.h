@@ -41,8 +41,11 @@ class RangeReader {
   static constexpr size_t kReaders = 32;
   static constexpr uint64_t kWindowBytes = 32 << 20;
 
-  // Starts reading at once when there is more than one range; a single range is read by Take.
-  RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges);
+  // Starts reading at once, on up to `readers` threads, when there is more than one range; a
+  // single range is read by Take. A file whose reads are CPU work rather than waits (the page
+  // cache, a view laid from the journal) needs only a few readers.
+  RangeReader(const ImageFile& file, uint64_t file_size, std::vector<ByteRange> ranges,
+              size_t readers = kReaders);
   ~RangeReader();
   RangeReader(const RangeReader&) = delete;
   RangeReader& operator=(const RangeReader&) = delete;

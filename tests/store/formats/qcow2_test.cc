@@ -23,6 +23,7 @@ using testing::OpenLocalImage;
 using testing::ReadFile;
 using testing::Run;
 using testing::ScratchDir;
+using testing::WriteFileAt;
 
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;
 
@@ -287,6 +288,40 @@ TEST_CASE("qcow2 compressed clusters, some spanning host clusters", "[qcow2]") {
   }
   CHECK(compressed >= 30);
   CHECK(spanning >= 1);
+}
+
+TEST_CASE("qcow2 refcounts past 254: one host cluster of hundreds of compressed clusters",
+          "[qcow2]") {
+  ScratchDir dir;
+  const std::string raw = dir.File("src.raw");
+  Run("qemu-img create -q -f raw " + raw + " 64M");
+  Run("qemu-io -f raw -c 'write -P 0x01 0 64M' " + raw);
+  const std::string path = dir.File("packed.qcow2");
+  Run("qemu-img convert -c -O qcow2 " + raw + " " + path);
+  CHECK(CheckFile(path).empty());
+
+  // The host cluster with the most references (qemu packs ~800 compressed clusters in one).
+  const std::vector<uint8_t> bytes = ReadFile(path);
+  REQUIRE(Be32At(bytes, 96) == 4);  // 16-bit refcounts
+  const uint64_t block = Be64At(bytes, Be64At(bytes, 48));
+  uint64_t most = 0;
+  for (uint64_t c = 1; c < bytes.size() / 65536 + 1; ++c) {
+    if (Be16At(bytes, block + 2 * c) > Be16At(bytes, block + 2 * most)) most = c;
+  }
+  const uint16_t refs = Be16At(bytes, block + 2 * most);
+  REQUIRE(refs > 300);
+  for (int delta : {-1, +1}) {
+    const uint16_t stored = static_cast<uint16_t>(refs + delta);
+    WriteFileAt(path, block + 2 * most,
+                {static_cast<uint8_t>(stored >> 8), static_cast<uint8_t>(stored & 0xff)});
+    INFO("stored refcount " << stored << ", references " << refs);
+    const std::vector<std::string> problems = CheckFile(path);
+    const std::string expected =
+        fmt::format("cluster at offset {}: refcount {} is {} than its {} references", most * 65536,
+                    stored, delta < 0 ? "smaller" : "larger", refs);
+    CHECK(Mentions(problems, expected));
+    CHECK(problems.size() == 1);
+  }
 }
 
 TEST_CASE("qcow2 dirty lazy-refcount image is one problem for Check", "[qcow2]") {
