@@ -40,8 +40,10 @@ Status MemoryImageFile::Identity(FileIdentity* id) const {
 }
 
 OverlayImageFile::Patch OverlayImageFile::Copy(std::span<const uint8_t> bytes) {
-  auto owner = std::make_shared<const std::vector<uint8_t>>(bytes.begin(), bytes.end());
-  return Patch{*owner, owner};
+  Patch p;
+  p.owner = std::make_shared<const std::vector<uint8_t>>(bytes.begin(), bytes.end());
+  p.bytes = *p.owner;
+  return p;
 }
 
 void OverlayImageFile::Add(uint64_t offset, std::span<const uint8_t> bytes) {
@@ -52,8 +54,26 @@ void OverlayImageFile::Add(uint16_t extent, uint64_t offset, std::span<const uin
   Lay(extent, offset, Copy(bytes));
 }
 
-void OverlayImageFile::Borrow(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes) {
-  Lay(extent, offset, Patch{bytes, nullptr});
+void OverlayImageFile::AddLazy(uint16_t extent, uint64_t offset, uint64_t length,
+                               const PatchSource* source) {
+  Lay(extent, offset, Patch{{}, nullptr, source, extent, offset, 0, length});
+}
+
+OverlayImageFile::Patch OverlayImageFile::Patch::Part(uint64_t skip, uint64_t n) const {
+  Patch p = *this;
+  if (source != nullptr) {
+    p.from += skip;
+    p.length = n;
+  } else {
+    p.bytes = bytes.subspan(skip, n);
+  }
+  return p;
+}
+
+Status OverlayImageFile::Patch::Read(uint64_t skip, std::span<uint8_t> out) const {
+  if (source != nullptr) return source->ReadPatch(extent, at, from + skip, out);
+  std::memcpy(out.data(), bytes.data() + skip, out.size());
+  return Status::Ok();
 }
 
 void OverlayImageFile::Lay(uint16_t extent, uint64_t offset, Patch patch) {
@@ -61,22 +81,22 @@ void OverlayImageFile::Lay(uint16_t extent, uint64_t offset, Patch patch) {
     extent_patches_[extent].emplace_back(offset, std::move(patch));
     return;
   }
-  if (patch.bytes.empty()) return;
-  const uint64_t end = offset + patch.bytes.size();
+  if (patch.size() == 0) return;
+  const uint64_t end = offset + patch.size();
   // Keep patches disjoint: trim the ones the new patch covers, keeping their uncovered ends.
   auto it = patches_.upper_bound(offset);
   if (it != patches_.begin()) --it;
   while (it != patches_.end() && it->first < end) {
-    const uint64_t p_off = it->first, p_end = p_off + it->second.bytes.size();
+    const uint64_t p_off = it->first, p_end = p_off + it->second.size();
     if (p_end <= offset) {
       ++it;
       continue;
     }
     Patch old = std::move(it->second);
     it = patches_.erase(it);
-    if (p_off < offset) patches_.emplace(p_off, Patch{old.bytes.first(offset - p_off), old.owner});
+    if (p_off < offset) patches_.emplace(p_off, old.Part(0, offset - p_off));
     if (p_end > end) {
-      patches_.emplace(end, Patch{old.bytes.subspan(end - p_off), old.owner});
+      patches_.emplace(end, old.Part(end - p_off, p_end - end));
       break;
     }
   }
@@ -111,10 +131,10 @@ Status OverlayImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
   if (it != patches_.begin()) --it;
   for (; it != patches_.end() && it->first < end; ++it) {
     const uint64_t lo = std::max(offset, it->first);
-    const uint64_t hi = std::min(end, it->first + it->second.bytes.size());
+    const uint64_t hi = std::min(end, it->first + it->second.size());
     if (lo >= hi) continue;
     VMETAFS_RETURN_IF_ERROR(fill_gap(pos, lo));
-    std::memcpy(out.data() + (lo - offset), it->second.bytes.data() + (lo - it->first), hi - lo);
+    VMETAFS_RETURN_IF_ERROR(it->second.Read(lo - it->first, out.subspan(lo - offset, hi - lo)));
     pos = hi;
   }
   return fill_gap(pos, end);

@@ -69,6 +69,17 @@ class MemoryImageFile : public ImageFile {
   std::vector<uint8_t> bytes_;
 };
 
+// Where the bytes of a lazy patch of an OverlayImageFile come from, read each time they are read:
+// a view of a large image with the journal's every table laid over it then holds none of them.
+// Thread safe.
+class PatchSource {
+ public:
+  virtual ~PatchSource() = default;
+  // Bytes [from, from + out.size()) of the patch laid at `offset` of file `extent`.
+  virtual Status ReadPatch(uint16_t extent, uint64_t offset, uint64_t from,
+                           std::span<uint8_t> out) const = 0;
+};
+
 // A read-only view of `base` with some byte ranges replaced: a write not yet sent to the storage,
 // or the journal's units laid over a damaged file. Overlays may extend past the base's end (the
 // view's size grows). Later overlays win. Lookups are O(log n) in the number of patches, so a view
@@ -86,9 +97,9 @@ class OverlayImageFile : public ImageFile {
   // A patch of another file of a multi-file image: the extent, once the base resolves it, reads
   // as an overlay with the patch laid over it.
   void Add(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes);
-  // As Add, without a copy: `bytes` must stay unchanged and outlive this view (and its copies).
-  // A view of a large image's every table laid over it then costs no memory of its own.
-  void Borrow(uint16_t extent, uint64_t offset, std::span<const uint8_t> bytes);
+  // As Add, with `length` bytes read from `source` whenever they are read; `source` must outlive
+  // this view (and its copies).
+  void AddLazy(uint16_t extent, uint64_t offset, uint64_t length, const PatchSource* source);
   Status ReadAt(uint64_t offset, std::span<uint8_t> out) const override;
   Status WriteAt(uint64_t, std::span<const uint8_t>) override;  // NotSupported
   Status Sync() override { return Status::Ok(); }
@@ -99,10 +110,18 @@ class OverlayImageFile : public ImageFile {
 
  private:
   // Bytes laid over the base: copied by Add (and then owned, shared by trimmed parts and copies
-  // of the view) or borrowed.
+  // of the view), or lazy: bytes [from, from + length) of the patch laid at (extent, at), read
+  // from `source`.
   struct Patch {
-    std::span<const uint8_t> bytes;
-    std::shared_ptr<const std::vector<uint8_t>> owner;  // null when borrowed
+    std::span<const uint8_t> bytes;  // when not lazy
+    std::shared_ptr<const std::vector<uint8_t>> owner;
+    const PatchSource* source = nullptr;
+    uint16_t extent = 0;
+    uint64_t at = 0, from = 0, length = 0;
+
+    uint64_t size() const { return source != nullptr ? length : bytes.size(); }
+    Patch Part(uint64_t skip, uint64_t n) const;
+    Status Read(uint64_t skip, std::span<uint8_t> out) const;
   };
   static Patch Copy(std::span<const uint8_t> bytes);
   void Lay(uint16_t extent, uint64_t offset, Patch patch);

@@ -4,13 +4,11 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
+#include <cstring>
 #include <future>
 #include <map>
-#include <mutex>
 #include <set>
-#include <thread>
 #include <tuple>
 
 #include "store/range_reader.h"
@@ -20,6 +18,8 @@ namespace {
 
 constexpr uint64_t kMaxReadRun = 2ull << 20;      // one coalesced read (RangeReader holds 8)
 constexpr uint64_t kMaxBatchBytes = 32ull << 20;  // one journal batch
+// Readers of the journal's content (decompression, CPU work): a few keep the cores busy.
+constexpr size_t kJournalReaders = 4;
 
 using UnitKey = std::tuple<uint16_t, uint64_t>;
 UnitKey KeyOf(const MetadataUnit& u) { return {u.extent, u.offset}; }
@@ -89,32 +89,35 @@ Status HoldsEpochStart(const Journal& journal, const ImageRecord& image, const U
   return Status::Ok();
 }
 
-// Writes each unit's bytes at its offset in its extent's file; units that follow each other in one
-// file go in one write of up to kMaxReadRun bytes (a restore of every L2 table of a large image is
-// a few dozen writes).
-Status WriteContents(ImageFile& file, const std::vector<QuarantinedUnit>& contents) {
-  std::vector<uint8_t> buf;
-  for (size_t i = 0; i < contents.size();) {
-    const QuarantinedUnit& first = contents[i];
-    buf.assign(first.bytes.begin(), first.bytes.end());
-    size_t j = i + 1;
-    for (; j < contents.size(); ++j) {
-      const QuarantinedUnit& c = contents[j];
-      if (c.unit.extent != first.unit.extent || c.unit.offset != first.unit.offset + buf.size() ||
-          buf.size() + c.bytes.size() > kMaxReadRun) {
-        break;
-      }
-      buf.insert(buf.end(), c.bytes.begin(), c.bytes.end());
+// The journal's latest content of the units a view lays over the storage, read each time the
+// view is read: the journal's view of a damaged 1 TiB image holds none of its 128 MiB of tables.
+class JournalUnits : public PatchSource {
+ public:
+  JournalUnits(const Journal& journal, uint64_t image_id)
+      : journal_(journal), image_id_(image_id) {}
+  void Add(const MetadataUnit& u) { units_.emplace(KeyOf(u), u); }
+  Status ReadPatch(uint16_t extent, uint64_t offset, uint64_t from,
+                   std::span<uint8_t> out) const override {
+    auto it = units_.find({extent, offset});
+    if (it == units_.end()) {
+      return Status::NotFound(
+          fmt::format("no journaled unit at extent {} offset {} was laid over", extent, offset));
     }
-    ImageFile* extent = file.MutableExtent(first.unit.extent);
-    if (extent == nullptr) {
-      return Status::NotFound(fmt::format("extent {} of the image is not open", first.unit.extent));
+    UnitVersion v;
+    VMETAFS_RETURN_IF_ERROR(journal_.GetUnit(image_id_, it->second, &v));
+    if (from > v.content.size() || out.size() > v.content.size() - from) {
+      return Status::Corruption(fmt::format("journaled unit at extent {} offset {} holds {} bytes",
+                                            extent, offset, v.content.size()));
     }
-    VMETAFS_RETURN_IF_ERROR(extent->WriteAt(first.unit.offset, buf));
-    i = j;
+    std::memcpy(out.data(), v.content.data() + from, out.size());
+    return Status::Ok();
   }
-  return Status::Ok();
-}
+
+ private:
+  const Journal& journal_;
+  const uint64_t image_id_;
+  std::map<UnitKey, MetadataUnit> units_;
+};
 
 }  // namespace
 
@@ -147,7 +150,8 @@ std::string_view UnitResultName(UnitCheck::Result r) {
 
 Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
                  const ProgressFn& progress,
-                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn) {
+                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn,
+                 size_t readers) {
   uint64_t total = 0, done = 0;
   for (const MetadataUnit& u : units) total += u.length;
   std::vector<uint8_t> buf;
@@ -182,7 +186,7 @@ Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
     }
     // Bytes past the end of the file read as zeros, as qemu reads them: a table in a last,
     // partly written cluster is still whole, and a unit lost to a truncation differs.
-    RangeReader reader(*extent, size, ranges);
+    RangeReader reader(*extent, size, ranges, readers);
     size_t first = group;
     for (size_t r = 0; r < ranges.size(); ++r) {
       VMETAFS_RETURN_IF_ERROR(reader.Take(r, &buf));
@@ -295,58 +299,17 @@ Status CheckStorageDeep(const ImageFile& file, const ParseLimits& limits, Verifi
 
 namespace {
 
-// The journal's latest content of `units`, read on a few threads: each is a point read and a
-// decompression in RocksDB, and a restore of a large image needs thousands.
-Status GetUnits(const Journal& journal, uint64_t image_id, const std::vector<MetadataUnit>& units,
-                std::vector<UnitVersion>* out) {
-  constexpr size_t kThreads = 4;
-  out->assign(units.size(), UnitVersion{});
-  std::atomic<size_t> next{0};
-  std::mutex mu;
-  size_t failed_at = units.size();  // guarded by mu: the first unit that failed, and why
-  Status failure;
-  auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < units.size();) {
-      Status s = journal.GetUnit(image_id, units[i], &(*out)[i]);
-      if (s.ok()) continue;
-      std::lock_guard<std::mutex> lock(mu);
-      if (i < failed_at) {
-        failed_at = i;
-        failure = std::move(s);
-      }
-      next = units.size();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < std::min(kThreads, units.size()); ++t) helpers.emplace_back(work);
-  work();
-  for (std::thread& t : helpers) t.join();
-  return failed_at < units.size() ? failure : Status::Ok();
+// Lays the journal's latest content of `units` over the storage `view` is made of, read from
+// `journaled` as the view is read.
+void LayJournal(const std::vector<MetadataUnit>& units, JournalUnits* journaled,
+                OverlayImageFile* view) {
+  for (const MetadataUnit& u : units) {
+    journaled->Add(u);
+    view->AddLazy(u.extent, u.offset, u.length, journaled);
+  }
 }
 
-// Lays the journal's content over the units that differ from it: the journal's view of `file`.
-// *laid receives that content, in the order of v.units (a restore writes it); the overlay borrows
-// it, so *laid must not change while the overlay is read.
-Status OverlayJournal(const Journal& journal, const Verification& v, OverlayImageFile* overlay,
-                      std::vector<QuarantinedUnit>* laid) {
-  std::vector<MetadataUnit> differing;
-  for (const UnitCheck& c : v.units) {
-    if (c.result == UnitCheck::Result::kDiffers || c.result == UnitCheck::Result::kMissing)
-      differing.push_back(c.journaled.unit);
-  }
-  std::vector<UnitVersion> full;
-  VMETAFS_RETURN_IF_ERROR(GetUnits(journal, v.image.id, differing, &full));
-  laid->reserve(full.size());
-  for (size_t i = 0; i < full.size(); ++i)
-    laid->push_back({differing[i], std::move(full[i].content)});
-  for (const QuarantinedUnit& q : *laid) {
-    overlay->Borrow(q.unit.extent, q.unit.offset,
-                    {reinterpret_cast<const uint8_t*>(q.bytes.data()), q.bytes.size()});
-  }
-  return Status::Ok();
-}
-
-// Parses the journal's view (OverlayJournal) in the journal's format, even when the storage was
+// Parses the journal's view (LayJournal) in the journal's format, even when the storage was
 // converted since, and deep-checks it when `deep`. Fills *view and *problems.
 Status ParseJournalView(const ImageFile& overlay, const ParseLimits& limits, const Verification& v,
                         bool deep, ParsedImage* view, std::vector<std::string>* problems) {
@@ -399,21 +362,16 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
                   v->units.size(), DescribeUnits(differing), DescribeExtents(differing, *v));
   ParsedImage view;
   std::vector<std::string> view_problems;
-  std::vector<QuarantinedUnit> laid;
   // After our own crash (in_use) the journal's view is what vmetafs wrote, journaled ahead: it may
   // hold the leaked clusters of an allocation in flight, which the deep check counts as problems
   // but qemu does not. Only a view laid over someone else's changes needs the deep check.
   const bool deep = v->changed_outside && !v->image.in_use;
   // The storage with the journal's content laid over the differing units, read from the journal
   // once: the crash check below and the view's parse both look at it.
+  JournalUnits journaled(journal, v->image.id);
   OverlayImageFile overlay(file);
-  bool laid_over = false;
-  auto lay_over = [&] {
-    laid_over = true;
-    return OverlayJournal(journal, *v, &overlay, &laid);
-  };
+  LayJournal(differing, &journaled, &overlay);
   auto journal_view = [&]() -> Status {
-    if (!laid_over) VMETAFS_RETURN_IF_ERROR(lay_over());
     return ParseJournalView(overlay, limits, *v, deep, &view, &view_problems);
   };
   bool have_view = false;
@@ -429,8 +387,7 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
     // being made beside it then: deep is false.)
     Status checked;
     if (v->image.in_use) {
-      checked = lay_over();
-      if (checked.ok()) checked = CheckStorageAfterCrash(file, overlay, limits, v);
+      checked = CheckStorageAfterCrash(file, overlay, limits, v);
     } else {
       checked = CheckStorageDeep(file, limits, v);
     }
@@ -474,15 +431,13 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   for (const UnitCheck& c : v->units) {
     if (!c.storage_bytes.empty()) read.emplace(KeyOf(c.journaled.unit), c.storage_bytes);
   }
-  for (QuarantinedUnit& q : laid) {
-    const MetadataUnit& u = q.unit;
+  for (const MetadataUnit& u : differing) {
     const MetadataUnit* in_view = view.map.Find(u.extent, u.offset);
     const bool restore = in_view && in_view->length == u.length;
     (restore ? plan->restore : plan->skipped).push_back(u);
     if (!restore) continue;
     auto r = read.find(KeyOf(u));
     if (r != read.end() && r->second.size() == u.length) plan->replaced.push_back({u, r->second});
-    plan->contents.push_back(std::move(q));
   }
   if (plan->replaced.size() == plan->restore.size()) {
     plan->replaced_held = v->held;
@@ -528,21 +483,73 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
 
 namespace {
 
-// Writes `contents` over the storage once `replaced` (the bytes they replace, in the same order)
-// is in the journal with a kRestored event saying `detail`: every restore can be undone, even one
-// interrupted half way.
+// The bytes `units` hold on the storage now, for the quarantine, alike ones held once.
+Status ReadReplaced(const ImageFile& file, const std::vector<MetadataUnit>& units,
+                    const ProgressFn& progress, DistinctBytes* held,
+                    std::vector<QuarantineView>* replaced) {
+  return ReadUnits(file, units, progress,
+                   [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+                     replaced->push_back({u, held->Hold(bytes, ContentHash(bytes))});
+                     return Status::Ok();
+                   });
+}
+
+// Writes what `source` holds at `units` over `file` (the same units, in the same order as
+// read), adjacent units in one write of up to kMaxReadRun bytes. `source` is read ahead on the
+// reader's threads while the writes go on: a restore of a large image reads its tables from the
+// journal (decompressing each) as it writes them, never holding them all.
+Status WriteUnits(const ImageFile& source, const std::vector<MetadataUnit>& units,
+                  ImageFile& file) {
+  std::vector<uint8_t> run;
+  MetadataUnit first;
+  auto write_run = [&]() -> Status {
+    if (run.empty()) return Status::Ok();
+    ImageFile* extent = file.MutableExtent(first.extent);
+    if (extent == nullptr) {
+      return Status::NotFound(fmt::format("extent {} of the image is not open", first.extent));
+    }
+    VMETAFS_RETURN_IF_ERROR(extent->WriteAt(first.offset, run));
+    run.clear();
+    return Status::Ok();
+  };
+  VMETAFS_RETURN_IF_ERROR(ReadUnits(
+      source, units, nullptr,
+      [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+        if (bytes.size() != u.length) {
+          return Status::NotFound(
+              fmt::format("extent {} of the image is not open: the unit at {} has no content",
+                          u.extent, u.offset));
+        }
+        if (!run.empty() && (u.extent != first.extent || u.offset != first.offset + run.size() ||
+                             run.size() + bytes.size() > kMaxReadRun)) {
+          VMETAFS_RETURN_IF_ERROR(write_run());
+        }
+        if (run.empty()) first = u;
+        run.insert(run.end(), bytes.begin(), bytes.end());
+        return Status::Ok();
+      },
+      kJournalReaders));
+  return write_run();
+}
+
+// Writes what `source` holds at `units` over `file` once `replaced` (the bytes they replace, in
+// the same order) is in the journal with a kRestored event saying `detail`: every restore can be
+// undone, even one interrupted half way.
 Status WriteBack(Journal& journal, const ImageRecord& image, ImageFile& file,
-                 std::vector<QuarantinedUnit> contents, std::span<const QuarantineView> replaced,
-                 const std::string& detail, std::vector<QuarantinedUnit>* unwritten) {
+                 const std::vector<MetadataUnit>& units, const ImageFile& source,
+                 std::span<const QuarantineView> replaced, const std::string& detail,
+                 std::vector<QuarantinedUnit>* unwritten) {
   unwritten->clear();
-  std::vector<MetadataUnit> units;
-  for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
   VMETAFS_RETURN_IF_ERROR(RecordEvent(journal, image, Action::kRestored, units, detail, replaced));
   VMETAFS_RETURN_IF_ERROR(journal.Sync());
-  Status write_status = WriteContents(file, contents);
+  Status write_status = WriteUnits(source, units, file);
   if (write_status.ok()) write_status = file.Sync();
   if (!write_status.ok()) {
-    *unwritten = std::move(contents);
+    VMETAFS_RETURN_IF_ERROR(ReadUnits(
+        source, units, nullptr, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
+          unwritten->push_back({u, std::string(bytes.begin(), bytes.end())});
+          return Status::Ok();
+        }));
     return RecordEvent(journal, image, Action::kRestored, units,
                        fmt::format("the restored units could not be written back ({}); they are "
                                    "served from the journal while the image is open",
@@ -555,24 +562,18 @@ Status WriteBack(Journal& journal, const ImageRecord& image, ImageFile& file,
 
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan* plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
-  std::vector<QuarantinedUnit> contents;
-  if (plan->contents.size() == plan->restore.size()) {
-    contents = std::move(plan->contents);  // Decide read them from the journal already
-    plan->contents.clear();
-  } else {
-    for (const MetadataUnit& u : plan->restore) {
-      UnitVersion full;
-      VMETAFS_RETURN_IF_ERROR(journal.GetUnit(image.id, u, &full));
-      contents.push_back({u, std::move(full.content)});
-    }
-  }
-  if (plan->replaced.size() == contents.size() && plan->replaced_held != nullptr) {
+  const std::vector<MetadataUnit>& units = plan->restore;
+  JournalUnits journaled(journal, image.id);
+  OverlayImageFile latest(file);
+  LayJournal(units, &journaled, &latest);
+  if (plan->replaced.size() == units.size() && plan->replaced_held != nullptr) {
     // Verify held what the storage holds there: no need to read it again.
-    return WriteBack(journal, image, file, std::move(contents), plan->replaced, plan->detail,
-                     unwritten);
+    return WriteBack(journal, image, file, units, latest, plan->replaced, plan->detail, unwritten);
   }
-  return RestoreContents(journal, image, file, std::move(contents), plan->detail, progress,
-                         unwritten);
+  DistinctBytes held;
+  std::vector<QuarantineView> replaced;
+  VMETAFS_RETURN_IF_ERROR(ReadReplaced(file, units, progress, &held, &replaced));
+  return WriteBack(journal, image, file, units, latest, replaced, plan->detail, unwritten);
 }
 
 void NoteRestored(const Plan& plan, Verification* v) {
@@ -590,15 +591,16 @@ Status RestoreContents(Journal& journal, const ImageRecord& image, ImageFile& fi
                        std::vector<QuarantinedUnit> contents, const std::string& detail,
                        const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten) {
   std::vector<MetadataUnit> units;
-  for (const QuarantinedUnit& c : contents) units.push_back(c.unit);
+  OverlayImageFile chosen(file);
+  for (const QuarantinedUnit& c : contents) {
+    units.push_back(c.unit);
+    chosen.Add(c.unit.extent, c.unit.offset,
+               {reinterpret_cast<const uint8_t*>(c.bytes.data()), c.bytes.size()});
+  }
   DistinctBytes held;
   std::vector<QuarantineView> replaced;
-  VMETAFS_RETURN_IF_ERROR(
-      ReadUnits(file, units, progress, [&](const MetadataUnit& u, std::span<const uint8_t> bytes) {
-        replaced.push_back({u, held.Hold(bytes, ContentHash(bytes))});
-        return Status::Ok();
-      }));
-  return WriteBack(journal, image, file, std::move(contents), replaced, detail, unwritten);
+  VMETAFS_RETURN_IF_ERROR(ReadReplaced(file, units, progress, &held, &replaced));
+  return WriteBack(journal, image, file, units, chosen, replaced, detail, unwritten);
 }
 
 Status Reconcile(Journal& journal, const ImageRecord& image, const ImageFile& file,

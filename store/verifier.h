@@ -17,6 +17,7 @@
 #include "store/formats/format.h"
 #include "store/image_file.h"
 #include "store/journal.h"
+#include "store/range_reader.h"
 #include "store/status.h"
 
 namespace vmetafs::store {
@@ -95,9 +96,6 @@ struct Plan {
   std::vector<MetadataUnit> units;    // the units the decision concerns (for the event)
   std::vector<MetadataUnit> restore;  // units to write back from the journal
   std::vector<MetadataUnit> skipped;  // differing units the journal's view no longer references
-  // The journal's content of `restore`, in its order, as Decide read it to check the journal's
-  // view (Restore reads the journal again when it is not given).
-  std::vector<QuarantinedUnit> contents;
   // The storage's bytes of `restore`, in its order, as Verify read them (held by replaced_held);
   // empty when Verify did not hold them all (Restore reads them then).
   std::vector<QuarantineView> replaced;
@@ -111,10 +109,9 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
               Verification* v, Plan* plan);
 
 // Carries out a kRestored plan: the bytes being replaced go to quarantine with the event, the
-// journal's units are written and synced, the result is verified again. When the storage refuses
-// the writes, *unwritten receives the units (with journal content) the caller must serve from
-// memory, and the event says so. Records the event. Takes plan->contents (no copy of what may
-// be all of a large image's tables); the rest of *plan stays.
+// journal's units are written (read from the journal a run at a time: a large image's tables are
+// never all in memory) and synced. When the storage refuses the writes, *unwritten receives the
+// units (with journal content) the caller must serve from memory, and the event says so.
 Status Restore(Journal& journal, const ImageRecord& image, ImageFile& file, Plan* plan,
                const ProgressFn& progress, std::vector<QuarantinedUnit>* unwritten);
 
@@ -149,11 +146,13 @@ Status RecordEvent(Journal& journal, const ImageRecord& image, Action action,
                    std::vector<MetadataUnit> units, const std::string& detail,
                    std::span<const QuarantineView> quarantine = {});
 
-// Reads the listed units from `file` in large coalesced reads and calls `fn` per unit with its
-// bytes. Bytes past the end of the file read as zeros. Units of another extent are read from
-// file.Extent(extent); those of an extent it has not bound are reported with an empty span.
+// Reads the listed units from `file` in large coalesced reads, ahead on `readers` threads (see
+// RangeReader), and calls `fn` per unit with its bytes. Bytes past the end of the file read as
+// zeros. Units of another extent are read from file.Extent(extent); those of an extent it has not
+// bound are reported with an empty span.
 Status ReadUnits(const ImageFile& file, const std::vector<MetadataUnit>& units,
                  const ProgressFn& progress,
-                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn);
+                 const std::function<Status(const MetadataUnit&, std::span<const uint8_t>)>& fn,
+                 size_t readers = RangeReader::kReaders);
 
 }  // namespace vmetafs::store

@@ -1,7 +1,9 @@
 #include "store/image_file.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "tests/test_images.h"
@@ -121,23 +123,48 @@ TEST_CASE("OverlayImageFile reads the base only between patches", "[image_file]"
   CHECK(base.read() == 1);
 }
 
-TEST_CASE("OverlayImageFile borrows bytes without copying them, trimmed like copies",
+// Serves lazy patches from a map of (extent, offset) -> bytes, counting the bytes it reads.
+class MapSource : public PatchSource {
+ public:
+  Status ReadPatch(uint16_t extent, uint64_t offset, uint64_t from,
+                   std::span<uint8_t> out) const override {
+    auto it = bytes.find({extent, offset});
+    if (it == bytes.end() || from + out.size() > it->second.size()) {
+      return Status::InvalidArgument("no such patch");
+    }
+    std::copy_n(it->second.begin() + from, out.size(), out.begin());
+    read += out.size();
+    return Status::Ok();
+  }
+  std::map<std::pair<uint16_t, uint64_t>, std::vector<uint8_t>> bytes;
+  mutable uint64_t read = 0;
+};
+
+TEST_CASE("OverlayImageFile reads lazy patches from their source, trimmed like copies",
           "[image_file]") {
   MemoryImageFile base(Bytes({10, 11, 12, 13, 14, 15, 16, 17}));
   OverlayImageFile view(base);
-  std::vector<uint8_t> lent = Bytes({40, 41, 42, 43});
-  view.Borrow(0, 2, lent);
+  MapSource source;
+  source.bytes[{0, 2}] = Bytes({40, 41, 42, 43});
+  view.AddLazy(0, 2, 4, &source);
+  CHECK(source.read == 0);  // nothing is read until the view is
   CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 41, 42, 43, 16, 17}));
-  lent[1] = 99;  // not copied: the view reads the lent bytes as they are now
+  CHECK(source.read == 4);
+  source.bytes[{0, 2}][1] = 99;  // not held: read again each time
   CHECK(ReadOrFail(view, 3, 1) == Bytes({99}));
-  // A later patch in the middle keeps both ends of the borrowed one.
+  // A later patch in the middle keeps both ends of the lazy one, each read at its own place.
   view.Add(3, Bytes({50}));
   CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 50, 42, 43, 16, 17}));
+  CHECK(ReadOrFail(view, 4, 2) == Bytes({42, 43}));
   // A copy of the view shares the patches; patches added to it stay its own.
   OverlayImageFile copy(view);
   copy.Add(4, Bytes({60, 61, 62}));
   CHECK(ReadOrFail(copy, 0, 8) == Bytes({10, 11, 40, 50, 60, 61, 62, 17}));
   CHECK(ReadOrFail(view, 0, 8) == Bytes({10, 11, 40, 50, 42, 43, 16, 17}));
+  // A source that fails fails the read.
+  view.AddLazy(0, 6, 2, &source);  // the source has no such patch
+  std::vector<uint8_t> buf(8);
+  CHECK(view.ReadAt(0, buf).code() == Status::Code::kInvalidArgument);
 }
 
 TEST_CASE("OverlayImageFile over an empty base, and overlays of overlays", "[image_file]") {
