@@ -13,7 +13,7 @@
 namespace vmetafs::store {
 namespace {
 
-constexpr uint64_t kMaxBatchBytes = 32ull << 20;
+constexpr uint64_t kMaxBatchBytes = 4ull << 20;  // as Reconcile's: each batch reuses memory
 // An import is built under a name no backing file has, then renamed over the image's path.
 constexpr std::string_view kStagingPrefix = ".vmetafs-import/";
 
