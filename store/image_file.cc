@@ -115,8 +115,9 @@ Status OverlayImageFile::ReadAt(uint64_t offset, std::span<uint8_t> out) const {
   VMETAFS_RETURN_IF_ERROR(base_.Size(&base_size));
   const uint64_t size = std::max(base_size, end_);
   if (offset > size || out.size() > size - offset) return PastEnd(offset, out.size(), size);
-  // Patches are copied; only the gaps between them come from the base (a table the journal laid
-  // over is not read from the storage too). Past the base's end, gaps read as zeros.
+  // Patches are copied out (or read from their source); only the gaps between them come from the
+  // base (a table the journal laid over is not read from the storage too). Past the base's end,
+  // gaps read as zeros.
   const uint64_t end = offset + out.size();
   auto fill_gap = [&](uint64_t lo, uint64_t hi) -> Status {
     if (lo >= hi) return Status::Ok();

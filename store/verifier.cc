@@ -370,7 +370,7 @@ Status Decide(const Journal& journal, const ImageFile& file, const ParseLimits& 
   // but qemu does not. Only a view laid over someone else's changes needs the deep check.
   const bool deep = v->changed_outside && !v->image.in_use;
   // The storage with the journal's content laid over the differing units, read from the journal
-  // once: the crash check below and the view's parse both look at it.
+  // as it is read (never all held): the crash check below and the view's parse both look at it.
   JournalUnits journaled(journal, v->image.id);
   OverlayImageFile overlay(file);
   LayJournal(differing, &journaled, &overlay);
