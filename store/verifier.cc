@@ -98,16 +98,13 @@ class JournalUnits : public PatchSource {
  public:
   JournalUnits(const Journal& journal, uint64_t image_id)
       : journal_(journal), image_id_(image_id) {}
-  void Add(const MetadataUnit& u) { units_.emplace(KeyOf(u), u); }
   Status ReadPatch(uint16_t extent, uint64_t offset, uint64_t from,
                    std::span<uint8_t> out) const override {
-    auto it = units_.find({extent, offset});
-    if (it == units_.end()) {
-      return Status::NotFound(
-          fmt::format("no journaled unit at extent {} offset {} was laid over", extent, offset));
-    }
+    MetadataUnit unit;  // the journal finds a unit by its place
+    unit.extent = extent;
+    unit.offset = offset;
     UnitVersion v;
-    VMETAFS_RETURN_IF_ERROR(journal_.GetUnit(image_id_, it->second, &v));
+    VMETAFS_RETURN_IF_ERROR(journal_.GetUnit(image_id_, unit, &v));
     if (from > v.content.size() || out.size() > v.content.size() - from) {
       return Status::Corruption(fmt::format("journaled unit at extent {} offset {} holds {} bytes",
                                             extent, offset, v.content.size()));
@@ -119,7 +116,6 @@ class JournalUnits : public PatchSource {
  private:
   const Journal& journal_;
   const uint64_t image_id_;
-  std::map<UnitKey, MetadataUnit> units_;
 };
 
 }  // namespace
@@ -304,12 +300,9 @@ namespace {
 
 // Lays the journal's latest content of `units` over the storage `view` is made of, read from
 // `journaled` as the view is read.
-void LayJournal(const std::vector<MetadataUnit>& units, JournalUnits* journaled,
+void LayJournal(const std::vector<MetadataUnit>& units, const JournalUnits* journaled,
                 OverlayImageFile* view) {
-  for (const MetadataUnit& u : units) {
-    journaled->Add(u);
-    view->AddLazy(u.extent, u.offset, u.length, journaled);
-  }
+  for (const MetadataUnit& u : units) view->AddLazy(u.extent, u.offset, u.length, journaled);
 }
 
 // Parses the journal's view (LayJournal) in the journal's format, even when the storage was
