@@ -37,6 +37,10 @@ namespace {
 // finished) becomes free within moments; a store held by a live daemon stays busy.
 constexpr auto kStoreBusyWait = std::chrono::seconds(3);
 
+// Ring entries per io_uring thread over local files: requests a CPU's queue has in flight before
+// it starts another thread.
+constexpr unsigned kRingEntriesPerThread = 16;
+
 void UseLog(spdlog::sink_ptr sink, bool debug) {
   auto logger = std::make_shared<spdlog::logger>("vmetafs", std::move(sink));
   logger->set_level(debug ? spdlog::level::debug : spdlog::level::info);
@@ -248,7 +252,12 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
   std::unique_ptr<UringTransport> uring;
   std::function<void()> start_uring;
   if (o.io_uring && !o.single_thread) {
-    uring = std::make_unique<UringTransport>(se, o.ring_threads);
+    // Local files: threads that leave their transfers to the ring, many entries each; over
+    // nfs://, where the daemon blocks in every transfer, threads of one entry each.
+    const bool kernel_files = fs.backend().KernelFiles();
+    const unsigned entries = kernel_files ? kRingEntriesPerThread : 1;
+    const unsigned threads = o.ring_threads != 0 ? o.ring_threads : kernel_files ? 1 : 4;
+    uring = std::make_unique<UringTransport>(se, threads, entries);
     start_uring = [t = uring.get()] {
       Status st = t->Start();
       if (!st.ok()) spdlog::warn("FUSE over io_uring not started: {}", st.ToString());

@@ -6,6 +6,7 @@
 #include <cerrno>
 
 #include "fusefs/filesystem.h"
+#include "fusefs/fuse_uring.h"
 #include "fusefs/killpriv_v2.h"
 #include "store/formats/format.h"
 
@@ -133,7 +134,30 @@ Status Filesystem::WriteThrough(FileHandle& fh, uint64_t offset, std::span<const
     size_t done = 0;
     return fh.file->Write(offset, data, &done);
   };
-  return fh.image != nullptr ? fh.image->Write(offset, data, write) : write();
+  // Served by a ring thread, a WRITE leaves its transfer to the ring; the reply waits for it.
+  auto write_later = [&] {
+    int fd = fh.file->TransferFd(data.data(), offset, data.size());
+    if (fd >= 0 && RingWrite(fd, offset, data, FinishWrite(fh.file.get(), offset, data))) {
+      return Status::Ok();
+    }
+    return write();
+  };
+  return fh.image != nullptr ? fh.image->Write(offset, data, write, write_later) : write_later();
+}
+
+// What ends a WRITE the ring took: the rest of a short write, or all of one the storage refused
+// (EINVAL: it wants a larger alignment), goes through the file as any write would.
+RingFinish Filesystem::FinishWrite(backend::File* file, uint64_t offset,
+                                   std::span<const uint8_t> data) {
+  return [file, offset, data](ssize_t res, std::span<uint8_t>) -> ssize_t {
+    if (res == static_cast<ssize_t>(data.size())) return res;
+    if (res < 0 && res != -EINVAL && res != -EAGAIN) return res;
+    const size_t from = res > 0 ? static_cast<size_t>(res) : 0;
+    size_t done = 0;
+    Status st = file->Write(offset + from, data.subspan(from), &done);
+    if (!st.ok()) return -(st.Errno() > 0 ? st.Errno() : EIO);
+    return static_cast<ssize_t>(from + done);
+  };
 }
 
 Status Filesystem::TruncateThrough(FileHandle& fh, uint64_t size) {

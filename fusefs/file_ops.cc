@@ -7,6 +7,7 @@
 
 #include "fusefs/backend/aligned_buffer.h"
 #include "fusefs/filesystem.h"
+#include "fusefs/fuse_uring.h"
 
 namespace vmetafs::fusefs {
 namespace {
@@ -75,12 +76,39 @@ Status Filesystem::Create(fuse_ino_t parent, const char* name, mode_t mode, cons
 Status Filesystem::Read(fuse_file_info* fi, size_t size, off_t offset,
                         std::span<const uint8_t>* out) {
   FileHandle& fh = Handle(fi);
+  // Served by a ring thread, the read goes to the reply's own buffer and is left to the ring.
+  if (uint8_t* into = RingReadBuffer(size)) {
+    const uint64_t off = static_cast<uint64_t>(offset);
+    int fd = fh.file->TransferFd(into, off, size);
+    if (fd >= 0 &&
+        RingRead(fd, off, {into, size}, FinishRead(fh.file.get(), fh.image.get(), off))) {
+      *out = {};
+      return Status::Ok();
+    }
+  }
   uint8_t* buf = read_buffer.Get(size);
   size_t done = 0;
   VMETAFS_RETURN_IF_ERROR(fh.file->Read(static_cast<uint64_t>(offset), {buf, size}, &done));
   if (fh.image != nullptr) fh.image->PatchRead(static_cast<uint64_t>(offset), {buf, done});
   *out = {buf, done};
   return Status::Ok();
+}
+
+// What ends a READ the ring took: one the storage refused (EINVAL: it wants a larger alignment)
+// goes through the file; what the journal serves is patched in, as for any read.
+RingFinish Filesystem::FinishRead(const backend::File* file, const store::ProtectedImage* image,
+                                  uint64_t offset) {
+  return [file, image, offset](ssize_t res, std::span<uint8_t> bytes) -> ssize_t {
+    if (res == -EINVAL || res == -EAGAIN) {
+      size_t done = 0;
+      Status st = file->Read(offset, bytes, &done);
+      if (!st.ok()) return -(st.Errno() > 0 ? st.Errno() : EIO);
+      res = static_cast<ssize_t>(done);
+    }
+    if (res > 0 && image != nullptr)
+      image->PatchRead(offset, bytes.first(static_cast<size_t>(res)));
+    return res;
+  };
 }
 
 Status Filesystem::Write(fuse_file_info* fi, fuse_bufvec* in, off_t offset, size_t* written) {

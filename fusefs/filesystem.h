@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "fusefs/backend/backend.h"
+#include "fusefs/fuse_uring.h"
 #include "fusefs/inode_table.h"
 #include "store/protector.h"
 
@@ -144,6 +145,11 @@ class Filesystem {
   Status StatOpen(Inode& node, struct stat* st);
   void FinishOpen(FileHandle* fh, fuse_file_info* fi);
   Status WriteThrough(FileHandle& fh, uint64_t offset, std::span<const uint8_t> data);
+  // What ends a READ or WRITE whose transfer a ring thread took (fusefs/fuse_uring.h).
+  static RingFinish FinishRead(const backend::File* file, const store::ProtectedImage* image,
+                               uint64_t offset);
+  static RingFinish FinishWrite(backend::File* file, uint64_t offset,
+                                std::span<const uint8_t> data);
   Status TruncateThrough(FileHandle& fh, uint64_t size);
   Status CopyThrough(FileHandle& in, uint64_t off_in, FileHandle& out, uint64_t off_out, size_t len,
                      size_t* copied);

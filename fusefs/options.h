@@ -30,7 +30,7 @@ struct Options {
   unsigned threads = 16;      // libfuse's max_idle_threads
   bool killpriv_v2 = true;    // negotiate FUSE_HANDLE_KILLPRIV_V2 (killpriv_v2.h)
   bool io_uring = true;       // serve requests over io_uring when the kernel offers it
-  unsigned ring_threads = 4;  // io_uring: threads (one entry each) per CPU's queue
+  unsigned ring_threads = 0;  // io_uring: threads per CPU's queue to start with (0: by backing)
   bool foreground = false;
   bool debug = false;
   bool single_thread = false;

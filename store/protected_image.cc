@@ -105,16 +105,19 @@ bool ProtectedImage::is_protected() const {
   return state_->mode.load() == Mode::kProtected;
 }
 
-Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write) {
+Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write,
+                             const IoFn& write_later) {
   if (State& st = *state_; st.image_of_extent) {
-    return st.image_of_extent->WriteExtent(st.extent, offset, data, write);
+    return st.image_of_extent->WriteExtent(st.extent, offset, data, write, write_later);
   }
-  return WriteExtent(0, offset, data, write);
+  return WriteExtent(0, offset, data, write, write_later);
 }
 
 Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
-                                   const IoFn& write) {
+                                   const IoFn& write, const IoFn& write_later) {
   State& st = *state_;
+  // The bytes of a write that touches no metadata are not read back here.
+  const IoFn& data_write = write_later ? write_later : write;
   const Mode mode = st.mode.load(std::memory_order_acquire);
   if (mode == Mode::kUnprotected) {
     // A map is left only where the journal failed under the image: count what it misses.
@@ -122,7 +125,7 @@ Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<c
     if (map && !map->Touching(extent, offset, data.size()).empty()) {
       st.protector->unprotected_writes_.fetch_add(1);
     }
-    return write();
+    return data_write();
   }
   if (mode == Mode::kPlain) {
     Status s = write();
@@ -139,7 +142,7 @@ Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<c
       extent == 0 && offset + data.size() > st.known_size.load(std::memory_order_relaxed);
   if (map && map->Touching(extent, offset, data.size()).empty() &&
       !(grows && st.parser->MapDependsOnFileSize()) && !st.remap_pending) {
-    return write();
+    return data_write();
   }
   std::lock_guard<std::mutex> lock(st.meta_mutex);
   if (st.mode.load() != Mode::kProtected) return write();

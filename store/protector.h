@@ -107,8 +107,12 @@ class ProtectedImage : public std::enable_shared_from_this<ProtectedImage> {
   // Performs a client write through `write`, which sends it to the storage. When the range touches
   // metadata, the new content of every touched unit is journaled (pending) first; when a pointer
   // unit changes, the map is derived again and newly referenced units are captured. Writes that
-  // touch no metadata cost one lock-free lookup.
-  Status Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write);
+  // touch no metadata cost one lock-free lookup. `write_later`, when given, is used instead of
+  // `write` where nothing here reads the bytes back (they touch no metadata, or the image is not
+  // protected): it may return before the bytes reach the storage, the caller then answers the
+  // client only once they have.
+  Status Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write,
+               const IoFn& write_later = nullptr);
   // Truncate / discard (punch hole, zero range) move metadata too.
   Status Truncate(uint64_t new_size, const IoFn& truncate);
   Status Discard(uint64_t offset, uint64_t length, const IoFn& discard);
@@ -143,7 +147,7 @@ class ProtectedImage : public std::enable_shared_from_this<ProtectedImage> {
   // The operations on the file holding `extent` (0: the image file itself; others: the extent
   // files of a multi-file image, reached through their own ProtectedImage).
   Status WriteExtent(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
-                     const IoFn& write);
+                     const IoFn& write, const IoFn& write_later);
   Status DiscardExtent(uint16_t extent, uint64_t offset, uint64_t length, const IoFn& discard);
   Status TruncateExtent(uint16_t extent, uint64_t new_size, const IoFn& truncate);
   // The image is protected with extent files (State::extent_files): their opens through the

@@ -49,6 +49,14 @@ class File : public store::ImageFile {
   // copy_file_range into `dst`; NotSupported where the storage cannot.
   virtual Status CopyRangeTo(uint64_t offset, File& dst, uint64_t dst_offset, size_t length,
                              size_t* copied) = 0;
+  // A descriptor that a read or write of `len` bytes at `offset` from or into `buf` may go to
+  // directly, as pread/pwrite or io_uring would take it; -1 when there is none (the storage is
+  // reached by the daemon itself) or the transfer needs the file's own handling (an O_DIRECT
+  // file and an unaligned buffer, offset or length).
+  virtual int TransferFd(const void* buf, uint64_t offset, size_t len) const {
+    (void)buf, (void)offset, (void)len;
+    return -1;
+  }
 };
 
 class Backend {
@@ -60,6 +68,9 @@ class Backend {
 
   // A stable name of this backing, recorded in the store (canonical directory path or URL).
   virtual std::string Id() const = 0;
+  // Whether its open files are this host kernel's, with descriptors (File::TransferFd) that the
+  // daemon's io_uring can read and write.
+  virtual bool KernelFiles() const = 0;
 
   virtual Status Lstat(const std::string& path, struct stat* st) const = 0;
   // flags as for open(2) (O_CREAT with `mode`). O_DIRECT is honoured.

@@ -25,6 +25,7 @@ class LocalBackend final : public Backend {
   ~LocalBackend() override;
 
   std::string Id() const override { return root_path_; }
+  bool KernelFiles() const override { return true; }
 
   Status Lstat(const std::string& path, struct stat* st) const override;
   Status Open(const std::string& path, int flags, mode_t mode,
@@ -92,6 +93,7 @@ class LocalFile final : public File {
   Status Flock(int op) override;
   Status CopyRangeTo(uint64_t offset, File& dst, uint64_t dst_offset, size_t length,
                      size_t* copied) override;
+  int TransferFd(const void* buf, uint64_t offset, size_t len) const override;
 
  private:
   // Whether an I/O of `len` bytes at `offset` from `buf` can go to the O_DIRECT descriptor.

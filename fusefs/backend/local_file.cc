@@ -41,6 +41,11 @@ bool LocalFile::DirectOk(uint64_t offset, size_t len) const {
          IsAligned(static_cast<uint64_t>(len), kDirectAlignment);
 }
 
+int LocalFile::TransferFd(const void* buf, uint64_t offset, size_t len) const {
+  if (!direct_) return fd_;
+  return DirectOk(offset, len) && IsAligned(buf, kDirectAlignment) ? fd_ : -1;
+}
+
 Status LocalFile::BufferedFd(int* fd) const {
   if (!direct_) {
     *fd = fd_;

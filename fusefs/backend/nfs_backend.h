@@ -41,6 +41,7 @@ class NfsBackend : public Backend {
   ~NfsBackend() override;
 
   std::string Id() const override { return id_; }
+  bool KernelFiles() const override { return false; }
   Status Lstat(const std::string& path, struct stat* st) const override;
   Status Open(const std::string& path, int flags, mode_t mode,
               std::unique_ptr<File>* out) const override;
