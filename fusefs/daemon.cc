@@ -256,7 +256,7 @@ int Serve(fuse_session* se, Filesystem& fs, const Options& o, const std::string&
     // nfs://, where the daemon blocks in every transfer, threads of one entry each.
     const bool kernel_files = fs.backend().KernelFiles();
     const unsigned entries = kernel_files ? kRingEntriesPerThread : 1;
-    const unsigned threads = o.ring_threads != 0 ? o.ring_threads : kernel_files ? 1 : 4;
+    const unsigned threads = o.ring_threads != 0 ? o.ring_threads : kernel_files ? 2 : 4;
     uring = std::make_unique<UringTransport>(se, threads, entries);
     start_uring = [t = uring.get()] {
       Status st = t->Start();

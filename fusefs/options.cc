@@ -66,7 +66,7 @@ vmetafs options:
                            with the fuse module's enable_uring parameter set), else over
                            /dev/fuse; off: always /dev/fuse (default: on)
     -o ring_threads=N      io_uring: threads per CPU to start with; each queue grows by itself
-                           when its requests block, up to 64 (default: 1 over a directory,
+                           when its requests block, up to 64 (default: 2 over a directory,
                            whose threads hold 16 entries each; 4 over nfs://, one entry each)
     -f                     stay in the foreground, log to stderr (default: daemonize, log to syslog)
     -d                     debug output (implies -f)
