@@ -145,8 +145,9 @@ Status Filesystem::WriteThrough(FileHandle& fh, uint64_t offset, std::span<const
   return fh.image != nullptr ? fh.image->Write(offset, data, write, write_later) : write_later();
 }
 
-// What ends a WRITE the ring took: the rest of a short write, or all of one the storage refused
-// (EINVAL: it wants a larger alignment), goes through the file as any write would.
+// What ends a WRITE the ring took: the rest of a short write, or all of one that would have waited
+// (EAGAIN: the ring asks for none) or that the storage refused (EINVAL: it wants a larger
+// alignment), goes through the file as any write would.
 RingFinish Filesystem::FinishWrite(backend::File* file, uint64_t offset,
                                    std::span<const uint8_t> data) {
   return [file, offset, data](ssize_t res, std::span<uint8_t>) -> ssize_t {

@@ -94,8 +94,9 @@ Status Filesystem::Read(fuse_file_info* fi, size_t size, off_t offset,
   return Status::Ok();
 }
 
-// What ends a READ the ring took: one the storage refused (EINVAL: it wants a larger alignment)
-// goes through the file; what the journal serves is patched in, as for any read.
+// What ends a READ the ring took: one that would have waited (EAGAIN: the ring asks for none) or
+// that the storage refused (EINVAL: it wants a larger alignment) goes through the file; what the
+// journal serves is patched in, as for any read.
 RingFinish Filesystem::FinishRead(const backend::File* file, const store::ProtectedImage* image,
                                   uint64_t offset) {
   return [file, image, offset](ssize_t res, std::span<uint8_t> bytes) -> ssize_t {
@@ -105,8 +106,9 @@ RingFinish Filesystem::FinishRead(const backend::File* file, const store::Protec
       if (!st.ok()) return -(st.Errno() > 0 ? st.Errno() : EIO);
       res = static_cast<ssize_t>(done);
     }
-    if (res > 0 && image != nullptr)
+    if (res > 0 && image != nullptr) {
       image->PatchRead(offset, bytes.first(static_cast<size_t>(res)));
+    }
     return res;
   };
 }

@@ -128,12 +128,14 @@ Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<c
     return data_write();
   }
   if (mode == Mode::kPlain) {
-    Status s = write();
+    // A write that may have made the file an image is probed once it is on the storage; any
+    // other is not read back.
     const uint64_t probe_at = st.next_probe_end.load(std::memory_order_relaxed);
-    if (s.ok() &&
-        (MayMakeImage(offset, data) || (probe_at != 0 && offset + data.size() >= probe_at))) {
-      MaybeBecomeImage();
+    if (!MayMakeImage(offset, data) && (probe_at == 0 || offset + data.size() < probe_at)) {
+      return data_write();
     }
+    Status s = write();
+    if (s.ok()) MaybeBecomeImage();
     return s;
   }
   std::shared_ptr<const MetadataMap> map = st.map.load(std::memory_order_acquire);

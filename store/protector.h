@@ -108,9 +108,9 @@ class ProtectedImage : public std::enable_shared_from_this<ProtectedImage> {
   // metadata, the new content of every touched unit is journaled (pending) first; when a pointer
   // unit changes, the map is derived again and newly referenced units are captured. Writes that
   // touch no metadata cost one lock-free lookup. `write_later`, when given, is used instead of
-  // `write` where nothing here reads the bytes back (they touch no metadata, or the image is not
-  // protected): it may return before the bytes reach the storage, the caller then answers the
-  // client only once they have.
+  // `write` where nothing here reads the bytes back (they touch no metadata, the image is not
+  // protected, or a plain file's write cannot have made it an image): it may return before the
+  // bytes reach the storage, the caller then answers the client only once they have.
   Status Write(uint64_t offset, std::span<const uint8_t> data, const IoFn& write,
                const IoFn& write_later = nullptr);
   // Truncate / discard (punch hole, zero range) move metadata too.

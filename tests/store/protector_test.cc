@@ -208,6 +208,54 @@ TEST_CASE("a journaled write that never reached the storage is not a reason to r
   Run("qemu-img check -q " + f.image);
 }
 
+TEST_CASE("only a write whose bytes are not read back may complete later", "[protector]") {
+  Fixture f;
+  uint64_t l1 = 0;
+  std::shared_ptr<ProtectedImage> tracked = f.OpenForWrites(&l1);
+  const std::vector<uint8_t> bytes = ReadFile(f.image);
+  // The host cluster of guest offset 0, through L1[0] and its L2 table's first entry.
+  constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
+  const uint64_t data = Be64At(bytes, Be64At(bytes, l1) & kOffsetMask) & kOffsetMask;
+  REQUIRE(data != 0);
+  int now = 0, later = 0;
+  auto write_now = [&] {
+    ++now;
+    return Status::Ok();
+  };
+  auto write_later = [&] {
+    ++later;
+    return Status::Ok();
+  };
+  // Guest data: no metadata there, nothing reads it back.
+  const std::vector<uint8_t> block(bytes.begin() + static_cast<ptrdiff_t>(data),
+                                   bytes.begin() + static_cast<ptrdiff_t>(data + 4096));
+  REQUIRE(tracked->Write(data, block, write_now, write_later).ok());
+  CHECK(now == 0);
+  CHECK(later == 1);
+  // The L1 table (rewritten as it is): journaled first, and written before the call returns.
+  const std::vector<uint8_t> entry(bytes.begin() + static_cast<ptrdiff_t>(l1),
+                                   bytes.begin() + static_cast<ptrdiff_t>(l1 + 8));
+  REQUIRE(tracked->Write(l1, entry, write_now, write_later).ok());
+  CHECK(now == 1);
+  CHECK(later == 1);
+  // A plain file: a write into its first MiB may make it an image and is probed right after;
+  // one further on cannot.
+  const std::string plain = f.dir.File("notes.txt");
+  Run("truncate -s 4M " + plain);
+  WriteFileAt(plain, 0, std::vector<uint8_t>(4 << 20, 'x'));
+  std::shared_ptr<ProtectedImage> notes;
+  REQUIRE(f.protector->OpenFirst("notes.txt", OpenLocalImage(plain), &notes).ok());
+  REQUIRE_FALSE(notes->is_image());
+  REQUIRE(notes->Write(4096, block, write_now, write_later).ok());
+  CHECK(now == 2);
+  CHECK(later == 1);
+  REQUIRE(notes->Write(2 << 20, block, write_now, write_later).ok());
+  CHECK(now == 2);
+  CHECK(later == 2);
+  REQUIRE(notes->Release().ok());
+  REQUIRE(tracked->Release().ok());
+}
+
 TEST_CASE("a unit written twice between flushes: its last flushed content is still legitimate",
           "[protector]") {
   Fixture f;
