@@ -361,8 +361,10 @@ struct UringTransport::Impl {
   bool HandOff(Entry* e);
   void Work();
   void StopWorkers();
-  // Whether a ring thread with many entries serves the request itself: only READ and WRITE,
-  // whose transfers it leaves to its io_uring; anything else may block the thread.
+  // Whether a ring thread with many entries serves the request itself: READ and WRITE, whose
+  // transfers it leaves to its io_uring, and FALLOCATE, which waits for the filesystem at most
+  // (one per allocating guest write: a hand-off would add a wakeup to each); anything else may
+  // block the thread for long.
   bool ServedOnRing(uint32_t opcode) const {
     return entries_per_thread == 1 || opcode == FUSE_READ || opcode == FUSE_WRITE ||
            opcode == FUSE_FALLOCATE;

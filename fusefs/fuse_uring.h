@@ -16,11 +16,13 @@
 // writev hook (CaptureRingReply) and committed with the next fetch.
 //
 // Two ways to serve a queue, chosen by the backing:
-// - Local files (entries_per_thread > 1): a ring thread holds many entries and never blocks.
-//   A READ or WRITE leaves its backing transfer to the thread's own io_uring (RingRead,
-//   RingWrite) and the thread goes on with its other entries; the reply is committed when the
-//   transfer completes. Every other request may block (a lock wait, a first open, an fsync): it
-//   is handed to a worker thread and its reply comes back to the ring thread to be committed.
+// - Local files (entries_per_thread > 1): a ring thread holds many entries and waits for
+//   nothing but the disk. A READ or WRITE leaves its backing transfer to the thread's own
+//   io_uring (RingRead, RingWrite) and the thread goes on with its other entries; the reply is
+//   committed when the transfer completes. The thread itself does a FALLOCATE, a transfer the
+//   kernel could not start without waiting, and a write the store journals first. Every other
+//   request may block for long (a lock wait, a first open, an fsync): it is handed to a worker
+//   thread and its reply comes back to the ring thread to be committed.
 //   Per guest write the daemon then wakes once, not twice (for the request, and again when its
 //   own blocking write ends), and one system call submits a batch of replies and transfers.
 // - Storage reached by the daemon itself (nfs://), whose I/O has no descriptor for io_uring: a
