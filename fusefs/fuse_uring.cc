@@ -233,15 +233,15 @@ class Ring {
 
   // From a worker thread: the entry's request was served; its ring thread commits the reply.
   void Return(Entry* e) {
-    {
-      std::lock_guard<std::mutex> lock(returned_mu_);
-      returned_.push_back(e);
-    }
-    returned_cv_.notify_all();
+    // All of it under the lock: once the last entry is back the ring thread may end and free
+    // this Ring (AwaitHandedOff), so nothing here may touch it after the lock is released.
+    std::lock_guard<std::mutex> lock(returned_mu_);
+    returned_.push_back(e);
     uint64_t one = 1;
     if (write(returned_fd_, &one, sizeof(one)) != sizeof(one)) {
       spdlog::error("io_uring: waking a ring thread: {}", std::strerror(errno));
     }
+    returned_cv_.notify_all();
   }
 
   // On the ring thread: the entries workers returned since the last call; reads the eventfd again.
