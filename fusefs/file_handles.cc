@@ -156,7 +156,7 @@ RingFinish Filesystem::FinishWrite(backend::File* file, uint64_t offset,
     const size_t from = res > 0 ? static_cast<size_t>(res) : 0;
     size_t done = 0;
     Status st = file->Write(offset + from, data.subspan(from), &done);
-    if (!st.ok()) return -(st.Errno() > 0 ? st.Errno() : EIO);
+    if (!st.ok()) return -ErrnoOf(st);
     return static_cast<ssize_t>(from + done);
   };
 }

@@ -103,7 +103,7 @@ RingFinish Filesystem::FinishRead(const backend::File* file, const store::Protec
     if (res == -EINVAL || res == -EAGAIN) {
       size_t done = 0;
       Status st = file->Read(offset, bytes, &done);
-      if (!st.ok()) return -(st.Errno() > 0 ? st.Errno() : EIO);
+      if (!st.ok()) return -ErrnoOf(st);
       res = static_cast<ssize_t>(done);
     }
     if (res > 0 && image != nullptr) {

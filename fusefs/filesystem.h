@@ -19,6 +19,7 @@
 
 #include <fuse_lowlevel.h>
 
+#include <cerrno>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -32,6 +33,9 @@
 #include "store/protector.h"
 
 namespace vmetafs::fusefs {
+
+// The errno a failed operation answers the kernel with: the Status's own, else EIO (0: OK).
+inline int ErrnoOf(const Status& st) { return st.ok() ? 0 : st.Errno() > 0 ? st.Errno() : EIO; }
 
 struct FsConfig {
   double timeout = 1.0;        // attribute and entry cache, seconds

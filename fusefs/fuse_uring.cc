@@ -452,6 +452,11 @@ void UringTransport::Impl::Run(uint16_t qid) {
         "start with",
         queues, threads_per_queue, entries_per_thread);
   }
+  // Sends the entry's reply and takes it back for the next request.
+  auto commit = [&](Entry* e) {
+    ring.Queue(e, fd, kCmdCommitAndFetch, e->unique);
+    ++idle[qid];
+  };
   size_t live = ring.entries().size();  // entries the kernel has not let go
   while (live > 0 && !stopping.load()) {
     io_uring_cqe* cqe = nullptr;
@@ -468,17 +473,13 @@ void UringTransport::Impl::Run(uint16_t qid) {
       const int res = cqe->res;
       io_uring_cqe_seen(ring.raw(), cqe);
       if (data == kReturned) {
-        for (Entry* e : ring.TakeReturned()) {
-          ring.Queue(e, fd, kCmdCommitAndFetch, e->unique);
-          ++idle[qid];
-        }
+        for (Entry* e : ring.TakeReturned()) commit(e);
         continue;
       }
       Entry* e = reinterpret_cast<Entry*>(data & ~kTagTransfer);
       if ((data & kTagTransfer) != 0) {
         Finish(e, res);
-        ring.Queue(e, fd, kCmdCommitAndFetch, e->unique);
-        ++idle[qid];
+        commit(e);
         continue;
       }
       if (res == -EAGAIN &&
@@ -500,10 +501,7 @@ void UringTransport::Impl::Run(uint16_t qid) {
       served.fetch_add(1, std::memory_order_relaxed);
       if (!ServedOnRing(OpcodeOf(*e)) && HandOff(e)) continue;
       Serve(e);
-      if (e->transfer == Entry::Transfer::kNone) {
-        ring.Queue(e, fd, kCmdCommitAndFetch, e->unique);
-        ++idle[qid];
-      }
+      if (e->transfer == Entry::Transfer::kNone) commit(e);
     }
   }
   ring.AwaitHandedOff();

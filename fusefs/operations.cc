@@ -29,8 +29,6 @@ void Serve(fuse_req_t req, const char* op, Body&& body) {
   }
 }
 
-int ErrnoOf(const Status& st) { return st.ok() ? 0 : st.Errno() > 0 ? st.Errno() : EIO; }
-
 // Replies with the Status's errno, or runs `reply` when it is OK.
 template <typename Reply>
 void Finish(fuse_req_t req, const char* op, const Status& st, Reply&& reply) {

@@ -116,7 +116,7 @@ Status ProtectedImage::Write(uint64_t offset, std::span<const uint8_t> data, con
 Status ProtectedImage::WriteExtent(uint16_t extent, uint64_t offset, std::span<const uint8_t> data,
                                    const IoFn& write, const IoFn& write_later) {
   State& st = *state_;
-  // The bytes of a write that touches no metadata are not read back here.
+  // For a write whose bytes nothing here reads back (Write's comment).
   const IoFn& data_write = write_later ? write_later : write;
   const Mode mode = st.mode.load(std::memory_order_acquire);
   if (mode == Mode::kUnprotected) {
