@@ -239,6 +239,17 @@ class Workloads:
         return (pick(w) if w else None), err
 
 
+def run_order(rep, reps):
+    """The systems' order in repetition `rep`: rotated by an even share of the list per repetition
+    and reversed every other one, so that over the repetitions each system runs early and late and
+    before and after each neighbour (a disk that slows down after a burst of writes, or a
+    workload's cleanup still running, then weighs on all systems alike)."""
+    n = len(SYSTEMS)
+    shift = (rep * -(-n // max(reps, 1))) % n
+    order = SYSTEMS[shift:] + SYSTEMS[:shift]
+    return order[::-1] if rep % 2 else order
+
+
 def run_workloads(mounts, cfg, reps, only):
     results = {}
     for name, unit, setup, measure in Workloads(cfg).list():
@@ -251,7 +262,7 @@ def run_workloads(mounts, cfg, reps, only):
             setup_err[s] = setup(m) if setup else None
             entry["systems"][s] = {"runs": [], "error": setup_err[s]}
         for rep in range(reps):
-            order = SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]  # rotate
+            order = run_order(rep, reps)
             for s in order:
                 e = entry["systems"][s]
                 if e["error"]:
