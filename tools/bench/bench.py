@@ -244,8 +244,8 @@ def run_order(rep, reps):
     and reversed every other one, so that over the repetitions each system runs early and late and
     before and after each neighbour (a disk that slows down after a burst of writes, or a
     workload's cleanup still running, then weighs on all systems alike)."""
-    n = len(SYSTEMS)
-    shift = (rep * -(-n // max(reps, 1))) % n
+    n, reps = len(SYSTEMS), max(reps, 1)
+    shift = rep * ((n + reps - 1) // reps) % n
     order = SYSTEMS[shift:] + SYSTEMS[:shift]
     return order[::-1] if rep % 2 else order
 
